@@ -1,0 +1,120 @@
+import math
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from .objective import CLIP_LEVELS
+
+
+@dataclass
+class GMPOConfig(GRPOConfig):
+    r"""
+    Configuration class for the [`GMPOTrainer`].
+
+    Inherits every parameter of [`~trl.GRPOConfig`] and changes only those that shape the loss. GMPO clips each
+    token's *log* importance ratio before the geometric mean is taken, so `epsilon` and `epsilon_high` are in log
+    space: the ratio is kept in `(exp(-epsilon), exp(epsilon_high))`. The paper uses `(exp(-0.4), exp(0.4))`.
+
+    Parameters:
+        epsilon (`float`, *optional*, defaults to `0.4`):
+            Lower clip bound in log space: each token's importance ratio is kept above exp(-epsilon) for negative
+            advantages. Must be >= 0; `inf` disables the clip (the paper's "without clip" ablation).
+        epsilon_high (`float`, *optional*):
+            Upper clip bound in log space: each token's importance ratio is kept below exp(epsilon_high) for positive
+            advantages. Must be >= 0; `inf` disables it. Defaults to `epsilon`.
+        delta (`float`, *optional*):
+            Dual clip, in ratio space (> 1): after the sign-aware clip every token's log-ratio is capped at
+            log(delta), which bounds the geometric-mean weight of negative-advantage rows too. `None` disables it.
+        loss_type (`str`, *optional*, defaults to `"gmpo"`):
+            Must be 'gmpo': the loss is -mean_i A_i * w_i over the rows, with the 1/|o_i| normalisation inside the
+            geometric mean w_i. GRPO's token aggregations ('grpo', 'dapo', 'bnpo', 'dr_grpo', ...) do not apply.
+        importance_sampling_level (`str`, *optional*, defaults to `"token"`):
+            Where the clip acts. 'token' clips each token's log-ratio before the geometric mean (the paper's method);
+            'sequence' clips the row's mean log-ratio instead (the paper's sequence-level clip ablation, Table 4).
+        length_normalization (`bool`, *optional*, defaults to `True`):
+            Keep the 1/|o_i| exponent of the geometric mean. False is the paper's ablation that sums the clipped
+            log-ratios instead (w_i becomes the plain product of the ratios and can overflow on long rows).
+    """
+
+    epsilon: float = field(
+        default=0.4,
+        metadata={
+            "help": "Lower clip bound in log space: each token's importance ratio is kept above exp(-epsilon) for "
+            "negative advantages. Must be >= 0; `inf` disables the clip (the paper's \"without clip\" ablation)."
+        },
+    )
+    epsilon_high: float | None = field(
+        default=None,
+        metadata={
+            "help": "Upper clip bound in log space: each token's importance ratio is kept below exp(epsilon_high) "
+            "for positive advantages. Must be >= 0; `inf` disables it. Defaults to `epsilon`."
+        },
+    )
+    delta: float | None = field(
+        default=None,
+        metadata={
+            "help": "Dual clip, in ratio space (> 1): after the sign-aware clip every token's log-ratio is capped "
+            "at log(delta), which bounds the geometric-mean weight of negative-advantage rows too. `None` disables "
+            "it."
+        },
+    )
+    loss_type: str = field(
+        default="gmpo",
+        metadata={
+            "help": "Must be 'gmpo': the loss is -mean_i A_i * w_i over the rows, with the 1/|o_i| normalisation "
+            "inside the geometric mean w_i. GRPO's token aggregations ('grpo', 'dapo', 'bnpo', 'dr_grpo', ...) do "
+            "not apply."
+        },
+    )
+    importance_sampling_level: str = field(
+        default="token",
+        metadata={
+            "help": "Where the clip acts. 'token' clips each token's log-ratio before the geometric mean (the "
+            "paper's method); 'sequence' clips the row's mean log-ratio instead (the paper's sequence-level clip "
+            "ablation, Table 4)."
+        },
+    )
+    length_normalization: bool = field(
+        default=True,
+        metadata={
+            "help": "Keep the 1/|o_i| exponent of the geometric mean. False is the paper's ablation that sums the "
+            "clipped log-ratios instead (w_i becomes the plain product of the ratios and can overflow on long rows)."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.epsilon_high is None:
+            self.epsilon_high = self.epsilon
+        for name in ("epsilon", "epsilon_high"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or math.isnan(value) or value < 0:
+                raise ValueError(
+                    f"`{name}` is a GMPO clip bound in log space and must be a number >= 0 (or inf to disable the "
+                    f"clip), got {value!r}. The paper uses 0.4, i.e. ratios in (exp(-0.4), exp(0.4))."
+                )
+        if self.delta is not None and (math.isnan(self.delta) or self.delta <= 1):
+            raise ValueError(
+                f"`delta` is the dual-clip cap on the token ratio (ratio space, log-ratio capped at log(delta)) and "
+                f"must be > 1, got {self.delta!r}. Use a value above exp(epsilon_high), or None to disable it."
+            )
+        if self.loss_type != "gmpo":
+            raise ValueError(
+                f"`loss_type` must be 'gmpo' for GMPOTrainer, got {self.loss_type!r}. GMPO aggregates with a plain "
+                "mean over rows of A_i * w_i; for GRPO's token aggregations use trl.GRPOTrainer."
+            )
+        if self.importance_sampling_level not in CLIP_LEVELS:
+            raise ValueError(
+                f"`importance_sampling_level` selects where GMPO's clip acts and must be one of {list(CLIP_LEVELS)}, "
+                f"got {self.importance_sampling_level!r}."
+            )
+        if not isinstance(self.length_normalization, bool):
+            raise ValueError(
+                f"`length_normalization` must be True or False, got {self.length_normalization!r}."
+            )
+
+    @property
+    def clip_can_act(self) -> bool:
+        """Whether old log-probs can differ from current ones, i.e. an optimizer step can fall between a batch's
+        generation and its use (TRL computes old log-probs only then)."""
+        return self.gradient_accumulation_steps % (self.steps_per_generation * self.num_iterations) != 0

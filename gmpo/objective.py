@@ -1,0 +1,144 @@
+"""The GMPO objective (Zhao et al., arXiv 2507.20673, Eq. 4) as a pure function of tensors.
+
+Notation:
+    B: rows (completions) in the micro-batch;  T: completion length (padded)
+    r_it = log pi_theta(o_it) - log pi_old(o_it)          log space
+    c_it = min(r_it, eps_high) if A_i > 0 else max(r_it, -eps_low)
+           (the one-sided PPO clip of the ratio to (exp(-eps_low), exp(eps_high)), written in log space)
+    w_i  = exp( (1/|o_i|) sum_t c_it )                     geometric mean of the clipped token ratios
+    loss = -(1/B) sum_i  v_i * A_i * w_i                   v_i: optional per-row weight (IS correction, masks)
+
+Nothing here imports TRL; the trainer gathers the inputs and logs the statistics.
+"""
+
+import math
+from typing import NamedTuple
+
+import torch
+
+CLIP_LEVELS = ("token", "sequence")
+
+
+class GMPOStats(NamedTuple):
+    """Detached local statistics of one call; counts are sums so that they reduce across processes by addition.
+
+    "Clip units" are tokens for the token-level clip and rows for the sequence-level clip.
+    """
+
+    log_ratio_max: torch.Tensor  # max r_it over valid tokens; -inf when there is none
+    log_ratio_min: torch.Tensor  # min r_it over valid tokens; +inf when there is none
+    low_clipped: torch.Tensor  # clip units with A < 0 and r < -eps_low
+    high_clipped: torch.Tensor  # clip units with A > 0 and r > eps_high
+    clip_units: torch.Tensor  # clip units that were checked
+    seq_weight_sum: torch.Tensor  # sum of w_i over rows with at least one valid token
+    seq_weight_max: torch.Tensor  # -inf when no row has a valid token
+    seq_weight_min: torch.Tensor  # +inf when no row has a valid token
+    num_rows: torch.Tensor  # rows with at least one valid token
+
+
+class GMPOOutput(NamedTuple):
+    loss: torch.Tensor  # scalar, -(1/B) sum_i v_i A_i w_i
+    per_row_loss: torch.Tensor  # (B,), -v_i A_i w_i; exactly 0 for a row without valid tokens
+    seq_weight: torch.Tensor  # (B,), w_i (carries gradient); 1 for a row without valid tokens
+    stats: GMPOStats
+
+
+def sign_aware_clip(log_ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float, eps_high: float) -> torch.Tensor:
+    """PPO's one-sided clip in log space: min(r, eps_high) where A > 0, else max(r, -eps_low).
+
+    `advantages` broadcasts against `log_ratio`. A clipped entry carries no gradient.
+    """
+    return torch.where(advantages > 0, log_ratio.clamp(max=eps_high), log_ratio.clamp(min=-eps_low))
+
+
+def masked_geometric_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """exp( sum_t m_t log x_t / sum_t m_t ) per row, for positive `values` (B, T); 1 for a row with no valid entry."""
+    valid = mask > 0
+    log_values = torch.where(valid, values, 1.0).log()
+    return torch.exp(log_values.sum(-1) / valid.sum(-1).clamp(min=1))
+
+
+def gmpo_objective(
+    log_ratio: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+    *,
+    delta: float | None = None,
+    clip_level: str = "token",
+    length_normalization: bool = True,
+    row_weight: torch.Tensor | None = None,
+) -> GMPOOutput:
+    """GMPO loss and statistics for one micro-batch.
+
+    Args:
+        log_ratio: (B, T) r_it = log pi_theta - log pi_old. Entries outside `mask` are ignored (may be NaN).
+        mask: (B, T) 1 for tokens that enter the geometric mean (completion, tool and entropy masks), else 0.
+            |o_i| = sum_t mask_it.
+        advantages: (B,) A_i, one scalar per row.
+        eps_low, eps_high: clip bounds in log space, >= 0 (inf disables that side); the ratio is kept in
+            (exp(-eps_low), exp(eps_high)), paper default 0.4 for both.
+        delta: dual clip, in ratio space (> 1): after the sign-aware clip every log-ratio is capped at log(delta),
+            which bounds w_i for negative advantages too. None disables it.
+        clip_level: "token" (Eq. 4, the paper's method) or "sequence" (Table 4 ablation: clip the row's mean
+            log-ratio (1/|o_i|) sum_t r_it instead of each r_it).
+        length_normalization: False gives the Table 4 ablation without the 1/|o_i| exponent
+            (w_i = prod_t of the clipped ratios; it can overflow on long rows, which is what the ablation shows).
+        row_weight: (B,) detached multiplier v_i of row i's term (importance-sampling correction, off-policy mask).
+
+    Returns:
+        GMPOOutput with `loss` = -(1/B) sum_i v_i A_i w_i, a plain mean over all B rows; rows without valid
+        tokens contribute exactly 0.
+    """
+    if clip_level not in CLIP_LEVELS:
+        raise ValueError(f"clip_level must be one of {CLIP_LEVELS}, got {clip_level!r}")
+    dtype = torch.promote_types(log_ratio.dtype, torch.float32)
+    valid = mask > 0
+    log_ratio = torch.where(valid, log_ratio.to(dtype), 0.0)
+    advantages = advantages.to(dtype)
+    token_count = valid.sum(-1)  # (B,)
+    has_tokens = token_count > 0
+    length = token_count.clamp(min=1).to(dtype) if length_normalization else 1.0
+
+    if clip_level == "token":
+        clipped = sign_aware_clip(log_ratio, advantages.unsqueeze(-1), eps_low, eps_high)
+        if delta is not None:
+            clipped = clipped.clamp(max=math.log(delta))
+        log_seq_weight = torch.where(valid, clipped, 0.0).sum(-1) / length
+        unit_log_ratio, unit_valid, unit_adv = log_ratio, valid, advantages.unsqueeze(-1)
+    else:
+        seq_log_ratio = log_ratio.sum(-1) / length
+        log_seq_weight = sign_aware_clip(seq_log_ratio, advantages, eps_low, eps_high)
+        if delta is not None:
+            log_seq_weight = log_seq_weight.clamp(max=math.log(delta))
+        unit_log_ratio, unit_valid, unit_adv = seq_log_ratio, has_tokens, advantages
+
+    seq_weight = torch.exp(torch.where(has_tokens, log_seq_weight, 0.0))
+    row_term = advantages * seq_weight
+    if row_weight is not None:
+        row_term = row_term * row_weight.to(dtype)
+    per_row_loss = torch.where(has_tokens, -row_term, 0.0)
+    loss = per_row_loss.mean() if per_row_loss.numel() else per_row_loss.sum()
+
+    with torch.no_grad():
+        low = unit_valid & (unit_adv < 0) & (unit_log_ratio < -eps_low)
+        high = unit_valid & (unit_adv > 0) & (unit_log_ratio > eps_high)
+        weights = seq_weight.detach()
+        stats = GMPOStats(
+            log_ratio_max=_masked_extreme(log_ratio, valid, torch.amax, -math.inf),
+            log_ratio_min=_masked_extreme(log_ratio, valid, torch.amin, math.inf),
+            low_clipped=low.sum().to(dtype),
+            high_clipped=high.sum().to(dtype),
+            clip_units=unit_valid.sum().to(dtype),
+            seq_weight_sum=torch.where(has_tokens, weights, 0.0).sum(),
+            seq_weight_max=_masked_extreme(weights, has_tokens, torch.amax, -math.inf),
+            seq_weight_min=_masked_extreme(weights, has_tokens, torch.amin, math.inf),
+            num_rows=has_tokens.sum().to(dtype),
+        )
+    return GMPOOutput(loss=loss, per_row_loss=per_row_loss, seq_weight=seq_weight, stats=stats)
+
+
+def _masked_extreme(x: torch.Tensor, valid: torch.Tensor, reduce, empty: float) -> torch.Tensor:
+    filled = torch.where(valid, x.detach(), empty)
+    return reduce(filled) if filled.numel() else torch.tensor(empty, dtype=x.dtype, device=x.device)
