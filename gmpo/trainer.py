@@ -1,9 +1,9 @@
 import inspect
+import logging
 import math
 import textwrap
 
 import torch
-from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.trainer.utils import get_config_model_id
 
@@ -11,7 +11,7 @@ from .config import GMPOConfig
 from .metrics import MetricPack
 from .objective import gmpo_objective, masked_geometric_mean
 
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)
 
 # Parameters of GRPOTrainer._get_per_token_logps_and_entropies that are not model inputs taken from the batch; every
 # other parameter is a (multimodal) input forwarded from `inputs` by name, so a key TRL adds is not dropped.

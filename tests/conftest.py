@@ -1,0 +1,72 @@
+"""One tiny causal LM and character tokenizer, built once per session and saved like a hub checkpoint."""
+
+import random
+
+import pytest
+import torch
+from datasets import Dataset
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from gmpo import GMPOConfig
+
+SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>"]
+CHARS = list("0123456789+=-* abcdefghij")
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {token: i for i, token in enumerate(SPECIAL + CHARS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
+        padding_side="left", truncation_side="left",
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def prompt_dataset():
+    rng = random.Random(0)
+    return Dataset.from_dict({"prompt": [f"{rng.randint(10, 99)}+{rng.randint(10, 99)}=" for _ in range(64)]})
+
+
+def count_ones_reward(completions, **kwargs):
+    """A reward with spread inside every group: how many '1' characters the completion has."""
+    return [float(c.count("1")) for c in completions]
+
+
+def tiny_config(output_dir, **overrides) -> GMPOConfig:
+    """GMPOConfig shrunk for CPU tests; off-policy by default so the clip can act."""
+    settings = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        bf16=False,  # fp32 on CPU: exact comparisons, no autocast
+        gradient_checkpointing=False,  # 2-layer model: checkpointing only slows it down
+        per_device_train_batch_size=8,  # two prompts x num_generations
+        num_generations=4,
+        max_completion_length=6,  # short rows keep generation cheap
+        steps_per_generation=2,  # > gradient_accumulation_steps: an optimizer step between generation and use
+        max_steps=4,
+        learning_rate=0.05,  # large on purpose, so the ratios move past exp(+-epsilon) within a few steps
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+    )
+    settings.update(overrides)
+    return GMPOConfig(**settings)
