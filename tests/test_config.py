@@ -1,0 +1,64 @@
+"""GMPOConfig defaults, validation and documentation."""
+
+import dataclasses
+import math
+import re
+
+import pytest
+
+from gmpo import GMPOConfig
+
+from .conftest import tiny_config
+
+GMPO_FIELDS = ["epsilon", "epsilon_high", "delta", "loss_type", "importance_sampling_level", "length_normalization"]
+
+
+def test_defaults_follow_the_paper(tmp_path):
+    config = tiny_config(tmp_path)
+    assert config.epsilon == 0.4 and config.epsilon_high == 0.4  # log space: ratios in (e^-0.4, e^0.4)
+    assert config.loss_type == "gmpo" and config.importance_sampling_level == "token"
+    assert config.length_normalization is True and config.delta is None
+
+
+def test_epsilon_high_can_differ_and_infinity_disables_the_clip(tmp_path):
+    assert tiny_config(tmp_path, epsilon=0.2, epsilon_high=0.3).epsilon_high == 0.3
+    assert tiny_config(tmp_path, epsilon=math.inf).epsilon_high == math.inf
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("epsilon", -0.1, "`epsilon`.*>= 0"),
+        ("epsilon", math.nan, "`epsilon`.*>= 0"),
+        ("epsilon_high", -1.0, "`epsilon_high`.*>= 0"),
+        ("delta", 0.9, "`delta`.*> 1"),
+        ("delta", math.nan, "`delta`.*> 1"),
+        ("loss_type", "dapo", "`loss_type` must be 'gmpo'.*got 'dapo'"),
+        ("importance_sampling_level", "row", r"`importance_sampling_level`.*\['token', 'sequence'\].*got 'row'"),
+        ("length_normalization", "yes", "`length_normalization` must be True or False"),
+    ],
+)
+def test_invalid_values_name_the_field_and_the_valid_values(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(tmp_path, **{field: value})
+
+
+def test_clip_can_act(tmp_path):
+    assert tiny_config(tmp_path, steps_per_generation=2).clip_can_act
+    assert tiny_config(tmp_path, steps_per_generation=1, num_iterations=2).clip_can_act
+    assert not tiny_config(tmp_path, steps_per_generation=1).clip_can_act
+    assert not tiny_config(tmp_path, steps_per_generation=2, gradient_accumulation_steps=4).clip_can_act
+
+
+def normalise(text):
+    return re.sub(r"\s+", " ", text.replace("`", "")).strip()
+
+
+@pytest.mark.parametrize("name", GMPO_FIELDS)
+def test_help_and_docstring_agree(name):
+    field = {f.name: f for f in dataclasses.fields(GMPOConfig)}[name]
+    docstring = normalise(GMPOConfig.__doc__)
+    assert normalise(field.metadata["help"]) in docstring, f"{name}: help text and class docstring disagree"
+    default = repr(field.default) if not isinstance(field.default, str) else f'"{field.default}"'
+    if field.default is not None:
+        assert f"{name} (" in docstring and f"defaults to {default}".replace('"', "") in docstring.replace('"', "")
