@@ -34,6 +34,11 @@ class GMPOConfig(GRPOConfig):
         length_normalization (`bool`, *optional*, defaults to `True`):
             Keep the 1/|o_i| exponent of the geometric mean. False is the paper's ablation that sums the clipped
             log-ratios instead (w_i becomes the plain product of the ratios and can overflow on long rows).
+        skip_zero_advantage_rows (`bool`, *optional*, defaults to `True`):
+            Leave rows whose advantage is exactly 0 out of the policy forward and backward; the loss still divides
+            by the full number of rows, so the gradient is unchanged. Applies only when nothing else needs those rows
+            (beta == 0, no entropy bonus, no MoE aux loss, top_entropy_quantile == 1, no multimodal inputs);
+            statistics are then over the rows actually forwarded.
     """
 
     epsilon: float = field(
@@ -82,6 +87,16 @@ class GMPOConfig(GRPOConfig):
         },
     )
 
+    skip_zero_advantage_rows: bool = field(
+        default=True,
+        metadata={
+            "help": "Leave rows whose advantage is exactly 0 out of the policy forward and backward; the loss still "
+            "divides by the full number of rows, so the gradient is unchanged. Applies only when nothing else needs "
+            "those rows (beta == 0, no entropy bonus, no MoE aux loss, top_entropy_quantile == 1, no multimodal "
+            "inputs); statistics are then over the rows actually forwarded."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if self.epsilon_high is None:
@@ -108,10 +123,9 @@ class GMPOConfig(GRPOConfig):
                 f"`importance_sampling_level` selects where GMPO's clip acts and must be one of {list(CLIP_LEVELS)}, "
                 f"got {self.importance_sampling_level!r}."
             )
-        if not isinstance(self.length_normalization, bool):
-            raise ValueError(
-                f"`length_normalization` must be True or False, got {self.length_normalization!r}."
-            )
+        for name in ("length_normalization", "skip_zero_advantage_rows"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
 
     @property
     def clip_can_act(self) -> bool:

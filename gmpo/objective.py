@@ -37,7 +37,7 @@ class GMPOStats(NamedTuple):
 
 
 class GMPOOutput(NamedTuple):
-    loss: torch.Tensor  # scalar, -(1/B) sum_i v_i A_i w_i
+    loss: torch.Tensor  # scalar, -(1/N) sum_i v_i A_i w_i
     per_row_loss: torch.Tensor  # (B,), -v_i A_i w_i; exactly 0 for a row without valid tokens
     seq_weight: torch.Tensor  # (B,), w_i (carries gradient); 1 for a row without valid tokens
     stats: GMPOStats
@@ -69,6 +69,7 @@ def gmpo_objective(
     clip_level: str = "token",
     length_normalization: bool = True,
     row_weight: torch.Tensor | None = None,
+    num_rows: int | None = None,
 ) -> GMPOOutput:
     """GMPO loss and statistics for one micro-batch.
 
@@ -86,9 +87,11 @@ def gmpo_objective(
         length_normalization: False gives the Table 4 ablation without the 1/|o_i| exponent
             (w_i = prod_t of the clipped ratios; it can overflow on long rows, which is what the ablation shows).
         row_weight: (B,) detached multiplier v_i of row i's term (importance-sampling correction, off-policy mask).
+        num_rows: N, the number of rows the loss is averaged over; defaults to B. Larger than B when rows that
+            cannot contribute (A_i = 0) were left out of the batch.
 
     Returns:
-        GMPOOutput with `loss` = -(1/B) sum_i v_i A_i w_i, a plain mean over all B rows; rows without valid
+        GMPOOutput with `loss` = -(1/N) sum_i v_i A_i w_i, a plain mean over the rows; rows without valid
         tokens contribute exactly 0.
     """
     if clip_level not in CLIP_LEVELS:
@@ -119,7 +122,7 @@ def gmpo_objective(
     if row_weight is not None:
         row_term = row_term * row_weight.to(dtype)
     per_row_loss = torch.where(has_tokens, -row_term, 0.0)
-    loss = per_row_loss.mean() if per_row_loss.numel() else per_row_loss.sum()
+    loss = per_row_loss.sum() / max(num_rows if num_rows is not None else per_row_loss.numel(), 1)
 
     with torch.no_grad():
         low = unit_valid & (unit_adv < 0) & (unit_log_ratio < -eps_low)

@@ -94,6 +94,21 @@ class GMPOTrainer(GRPOTrainer):
         )
         params = inspect.signature(self._get_per_token_logps_and_entropies).parameters
         self._model_input_keys = [name for name in params if name not in _NON_INPUT_LOGPS_ARGS]
+        self._rows_needed_beyond_policy = [
+            reason
+            for reason, applies in [
+                ("beta != 0 (KL)", self.beta != 0.0),
+                ("an entropy bonus", self._entropy_bonus_enabled),
+                ("the MoE aux loss", self.aux_loss_enabled),
+                ("top_entropy_quantile < 1", self.top_entropy_quantile < 1.0),
+            ]
+            if applies
+        ]
+        if args.skip_zero_advantage_rows and self._rows_needed_beyond_policy:
+            logger.info(
+                "skip_zero_advantage_rows has no effect: zero-advantage rows are still needed for "
+                + ", ".join(self._rows_needed_beyond_policy)
+            )
         if not args.clip_can_act:
             logger.warning(
                 "GMPO's clip cannot act in this run: gradient_accumulation_steps "
@@ -106,6 +121,9 @@ class GMPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
+        metrics = MetricPack()
+        num_rows = inputs["advantages"].size(0)
+        inputs = self._drop_zero_advantage_rows(inputs, metrics)
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
@@ -141,8 +159,8 @@ class GMPOTrainer(GRPOTrainer):
             clip_level=self.args.importance_sampling_level,
             length_normalization=self.args.length_normalization,
             row_weight=row_weight,
+            num_rows=num_rows,
         )
-        metrics = MetricPack()
         loss = out.loss
         metrics.add_mean("policy_loss", out.loss.detach(), 1.0)
 
@@ -162,6 +180,32 @@ class GMPOTrainer(GRPOTrainer):
         metrics.add_mean("entropy", (entropies.detach() * mask).sum(), mask.sum())
         self._log_step_metrics(out.stats, metrics, mode)
         return loss
+
+    def _drop_zero_advantage_rows(self, inputs, metrics: MetricPack):
+        """The micro-batch without the rows whose advantage is 0 (their term -0 * w_i has no gradient).
+
+        At least one row is kept, so every process still runs a forward and backward and the gradient collectives
+        of DDP / FSDP / DeepSpeed stay matched. The caller keeps dividing by the original number of rows.
+        """
+        advantages = inputs["advantages"]
+        num_rows = advantages.size(0)
+        if (
+            not self.args.skip_zero_advantage_rows
+            or self._rows_needed_beyond_policy
+            or any(inputs.get(key) is not None for key in self._model_input_keys)
+        ):
+            return inputs
+        nonzero = advantages != 0 if advantages.dim() == 1 else (advantages != 0).any(-1)
+        keep = nonzero.nonzero().squeeze(1)
+        metrics.add_mean("skipped_rows_frac", torch.tensor(float(num_rows - keep.numel())), num_rows)
+        if keep.numel() == num_rows:
+            return inputs
+        if keep.numel() == 0:
+            keep = keep.new_zeros(1)  # a zero-advantage row: a real forward and backward that adds exactly 0
+        return {
+            key: value[keep] if torch.is_tensor(value) and value.dim() > 0 and value.size(0) == num_rows else value
+            for key, value in inputs.items()
+        }
 
     def _row_weights(self, inputs, per_token_logps, old_per_token_logps, advantages, mask, loss_mask):
         """Per-row multipliers from the off-policy mask and vLLM's importance-sampling correction.

@@ -8,7 +8,7 @@ from datasets import Dataset
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from gmpo import GMPOConfig
+from gmpo import GMPOConfig, GMPOTrainer
 
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>"]
 CHARS = list("0123456789+=-* abcdefghij")
@@ -70,3 +70,13 @@ def tiny_config(output_dir, **overrides) -> GMPOConfig:
     )
     settings.update(overrides)
     return GMPOConfig(**settings)
+
+
+@pytest.fixture
+def trainer(tiny_model_dir, prompt_dataset, tmp_path):
+    t = GMPOTrainer(model=tiny_model_dir, reward_funcs=count_ones_reward, args=tiny_config(tmp_path),
+                    train_dataset=prompt_dataset)
+    t.model.double()  # float64 weights; only the log-probs pass through float32 (TRL's fused LM head)
+    t.model.train()  # from_pretrained leaves the model in eval mode; the loss reads the mode from it
+    t.current_gradient_accumulation_steps = 1
+    return t

@@ -20,16 +20,6 @@ LENGTHS = [5, 3, 0, 4]  # row 2 has no valid token
 assert_close = functools.partial(assert_close, rtol=1.3e-6, atol=1e-5)
 
 
-@pytest.fixture
-def trainer(tiny_model_dir, prompt_dataset, tmp_path):
-    t = GMPOTrainer(model=tiny_model_dir, reward_funcs=count_ones_reward, args=tiny_config(tmp_path),
-                    train_dataset=prompt_dataset)
-    t.model.double()  # float64 weights; only the log-probs pass through float32 (see assert_close above)
-    t.model.train()  # from_pretrained leaves the model in eval mode; the loss reads the mode from it
-    t.current_gradient_accumulation_steps = 1
-    return t
-
-
 def reference_logps_and_entropy(model, inputs):
     """log pi(o_t | ...) and token entropy straight from the logits, in float64."""
     prompt_len = inputs["prompt_ids"].size(1)
