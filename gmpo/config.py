@@ -3,6 +3,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from .guards import NONFINITE_GRAD_POLICIES
 from .objective import CLIP_LEVELS
 
 
@@ -39,6 +40,10 @@ class GMPOConfig(GRPOConfig):
             by the full number of rows, so the gradient is unchanged. Applies only when nothing else needs those rows
             (beta == 0, no entropy bonus, no MoE aux loss, top_entropy_quantile == 1, no multimodal inputs);
             statistics are then over the rows actually forwarded.
+        nonfinite_grad_policy (`str`, *optional*, defaults to `"skip"`):
+            What to do when a gradient holds NaN or inf before an optimizer step: 'skip' leaves the weights and the
+            optimizer state untouched for that step, logs a warning and counts it in `nonfinite_steps_skipped`;
+            'stop' raises an error naming the step.
     """
 
     epsilon: float = field(
@@ -97,6 +102,15 @@ class GMPOConfig(GRPOConfig):
         },
     )
 
+    nonfinite_grad_policy: str = field(
+        default="skip",
+        metadata={
+            "help": "What to do when a gradient holds NaN or inf before an optimizer step: 'skip' leaves the "
+            "weights and the optimizer state untouched for that step, logs a warning and counts it in "
+            "`nonfinite_steps_skipped`; 'stop' raises an error naming the step."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if self.epsilon_high is None:
@@ -122,6 +136,11 @@ class GMPOConfig(GRPOConfig):
             raise ValueError(
                 f"`importance_sampling_level` selects where GMPO's clip acts and must be one of {list(CLIP_LEVELS)}, "
                 f"got {self.importance_sampling_level!r}."
+            )
+        if self.nonfinite_grad_policy not in NONFINITE_GRAD_POLICIES:
+            raise ValueError(
+                f"`nonfinite_grad_policy` must be one of {list(NONFINITE_GRAD_POLICIES)}, "
+                f"got {self.nonfinite_grad_policy!r}."
             )
         for name in ("length_normalization", "skip_zero_advantage_rows"):
             if not isinstance(getattr(self, name), bool):

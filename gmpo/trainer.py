@@ -8,6 +8,7 @@ from trl import GRPOTrainer
 from trl.trainer.utils import get_config_model_id
 
 from .config import GMPOConfig
+from .guards import NonFiniteGradientGuard, name_reward_errors
 from .metrics import MetricPack
 from .objective import gmpo_objective, masked_geometric_mean
 
@@ -92,6 +93,12 @@ class GMPOTrainer(GRPOTrainer):
             rollout_func=rollout_func,
             environment_factory=environment_factory,
         )
+        self.reward_funcs = [
+            name_reward_errors(func, name) if callable(func) and not isinstance(func, torch.nn.Module) else func
+            for func, name in zip(self.reward_funcs, self.reward_func_names)
+        ]
+        self._nonfinite_guard = NonFiniteGradientGuard(args.nonfinite_grad_policy, self.accelerator)
+        self.add_callback(self._nonfinite_guard)
         params = inspect.signature(self._get_per_token_logps_and_entropies).parameters
         self._model_input_keys = [name for name in params if name not in _NON_INPUT_LOGPS_ARGS]
         self._rows_needed_beyond_policy = [
@@ -293,6 +300,8 @@ class GMPOTrainer(GRPOTrainer):
             values = [v for v in self._metrics[mode].pop(name, []) if not math.isnan(v)]
             if values:
                 logs[prefix + name] = combine(values)
+        if mode == "train" and "loss" in logs:
+            logs["nonfinite_steps_skipped"] = self._nonfinite_guard.skipped
         super().log(logs, start_time)
 
 

@@ -10,7 +10,8 @@ from gmpo import GMPOConfig
 
 from .conftest import tiny_config
 
-GMPO_FIELDS = ["epsilon", "epsilon_high", "delta", "loss_type", "importance_sampling_level", "length_normalization"]
+GMPO_FIELDS = ["epsilon", "epsilon_high", "delta", "loss_type", "importance_sampling_level", "length_normalization",
+               "skip_zero_advantage_rows", "nonfinite_grad_policy"]
 
 
 def test_defaults_follow_the_paper(tmp_path):
@@ -36,6 +37,8 @@ def test_epsilon_high_can_differ_and_infinity_disables_the_clip(tmp_path):
         ("loss_type", "dapo", "`loss_type` must be 'gmpo'.*got 'dapo'"),
         ("importance_sampling_level", "row", r"`importance_sampling_level`.*\['token', 'sequence'\].*got 'row'"),
         ("length_normalization", "yes", "`length_normalization` must be True or False"),
+        ("skip_zero_advantage_rows", 1, "`skip_zero_advantage_rows` must be True or False"),
+        ("nonfinite_grad_policy", "ignore", r"`nonfinite_grad_policy`.*\['skip', 'stop'\].*got 'ignore'"),
     ],
 )
 def test_invalid_values_name_the_field_and_the_valid_values(tmp_path, field, value, message):
