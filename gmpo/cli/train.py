@@ -1,0 +1,183 @@
+"""`gmpo train`: check the input, build a GMPOTrainer as `trl grpo` builds a GRPOTrainer, train, save, report.
+
+The output directory holds a finished run only if `run_complete.json` is there: it is removed when a run starts and
+written last, after the model, tokenizer, trainer_state.json and plots.
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from gmpo.cli import UsageError
+from gmpo.cli.args import describe_rollouts, parse_train_args, resolved_config, rollout_summary
+from gmpo.cli.callbacks import CompactProgress, HeldOutAccuracy
+from gmpo.cli.rewards import check_reward_columns, resolve_rewards
+
+MARKER = "run_complete.json"
+
+
+def train(argv: list[str]) -> None:
+    start = time.monotonic()
+    script_args, training_args, model_args = parse_train_args(argv)
+    check_arguments(script_args, model_args)
+    reward_funcs = resolve_rewards(script_args.reward_funcs, training_args, require_packages=not script_args.dry_run)
+    if script_args.dry_run:
+        print(yaml.safe_dump(resolved_config(script_args, training_args, model_args), sort_keys=False), end="")
+        return
+
+    train_dataset, eval_dataset, heldout = load_data(script_args, training_args)
+    source = script_args.dataset_name or f"built-in task {script_args.task!r}"
+    check_reward_columns(script_args.reward_funcs, reward_funcs, train_dataset.column_names, source)
+    check_model(model_args, training_args)
+    plots_available = matplotlib_available()
+
+    import torch
+    from transformers import ProgressCallback
+    from trl import get_peft_config, get_quantization_config
+
+    from gmpo import GMPOTrainer
+
+    if script_args.num_threads:
+        torch.set_num_threads(script_args.num_threads)
+    model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+    }
+    training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
+    trainer = GMPOTrainer(
+        model=model_args.model_name_or_path,
+        reward_funcs=reward_funcs,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+    accuracy = None
+    if heldout is not None:  # added before the progress bar so that the accuracy before training prints above it
+        accuracy = HeldOutAccuracy(trainer.processing_class, heldout, script_args.accuracy_steps)
+        trainer.add_callback(accuracy)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(CompactProgress())
+
+    output_dir = Path(training_args.output_dir)
+    is_main = trainer.accelerator.is_main_process
+    if is_main:
+        (output_dir / MARKER).unlink(missing_ok=True)  # from here on the directory is not a finished run
+        if not plots_available:
+            print("matplotlib is not installed: no plots will be written (pip install 'gmpo[plot]')", file=sys.stderr)
+    trainer.accelerator.print(f"GMPO on {source}: {describe_rollouts(training_args)}")
+
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.save_state()
+    if is_main:
+        summary = run_summary(script_args, training_args, model_args, trainer, accuracy, time.monotonic() - start)
+        report(summary, output_dir, plots_available)
+    trainer.end()  # finish the trackers and destroy the process group, as `trl grpo` does
+
+
+def check_arguments(script_args, model_args) -> None:
+    """What TRL would only discover after loading: a user dataset needs a model and rewards."""
+    if script_args.dataset_name is not None:
+        if model_args.model_name_or_path is None:
+            raise UsageError("--model_name_or_path is required with --dataset_name (a local directory or a Hub id)")
+        if not script_args.reward_funcs:
+            from gmpo.cli.rewards import REWARDS
+
+            raise UsageError(
+                f"--reward_funcs is required with --dataset_name: names from {sorted(REWARDS)} or dotted import "
+                "paths 'package.module.function'"
+            )
+    name = model_args.model_name_or_path
+    if name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        raise UsageError(f"--model_name_or_path {name!r}: no such directory")
+
+
+def check_model(model_args, training_args) -> None:
+    """Load the model's config only, so that a bad model name fails before anything is written."""
+    from transformers import AutoConfig
+
+    name = model_args.model_name_or_path
+    try:
+        AutoConfig.from_pretrained(
+            name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0]
+        raise UsageError(
+            f"cannot load model {name!r}: {first_line} (pass a directory written by save_pretrained or a Hub model id)"
+        ) from None
+
+
+def load_data(script_args, training_args):
+    """(train, eval or None, held-out set for greedy accuracy or None)."""
+    need_eval = training_args.eval_strategy != "no"
+    if script_args.dataset_name is None:
+        from gmpo.tasks import make_dataset
+
+        train_set = make_dataset(script_args.task, script_args.train_size, training_args.seed, "train")
+        heldout = make_dataset(script_args.task, script_args.eval_size, training_args.seed, "test")
+        return train_set, heldout if need_eval else None, heldout
+
+    from gmpo.cli.data import load_prompt_dataset, select_split
+
+    data = load_prompt_dataset(script_args)
+    name = script_args.dataset_name
+    train_set = select_split(data, script_args.dataset_train_split, name, "--dataset_train_split")
+    eval_set = select_split(data, script_args.dataset_test_split, name, "--dataset_test_split") if need_eval else None
+    return train_set, eval_set, None
+
+
+def matplotlib_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def run_summary(script_args, training_args, model_args, trainer, accuracy, wall_time_s: float) -> dict:
+    summary = {
+        "source": script_args.dataset_name or f"task:{script_args.task}",
+        "model": model_args.model_name_or_path,
+        "reward_funcs": script_args.reward_funcs,
+        "seed": training_args.seed,
+        "global_step": trainer.state.global_step,
+        "epsilon": training_args.epsilon,
+        "epsilon_high": training_args.epsilon_high,
+        **rollout_summary(training_args),
+        "wall_time_s": round(wall_time_s, 1),
+        "command": "gmpo train " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["train"] else None,
+    }
+    if accuracy is not None:
+        summary.update(
+            accuracy_before=accuracy.history[0][1],
+            accuracy_after=accuracy.history[-1][1],
+            accuracy_prompts=len(accuracy.dataset),
+        )
+    return summary
+
+
+def report(summary: dict, output_dir: Path, plots_available: bool) -> None:
+    """Print the result, draw the plots, then write the marker: the last file of a finished run."""
+    if "accuracy_before" in summary:
+        before, after = 100 * summary["accuracy_before"], 100 * summary["accuracy_after"]
+        print(
+            f"held-out greedy accuracy: {before:.1f}% -> {after:.1f}% ({after - before:+.1f} points; "
+            f"{summary['accuracy_prompts']} prompts, seed {summary['seed']})"
+        )
+    if plots_available:
+        from gmpo.cli.plot import write_plots
+
+        written = write_plots(output_dir, clip_bounds=(summary["epsilon"], summary["epsilon_high"]))
+        print(f"plots: {', '.join(str(p) for p in written)}")
+    tmp = output_dir / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, output_dir / MARKER)
+    print(f"finished in {summary['wall_time_s']:.0f} s: model, trainer_state.json and {MARKER} in {output_dir}")
+
