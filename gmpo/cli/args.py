@@ -111,10 +111,12 @@ class GMPOParser(TrlParser):
 
 
 def _parse(parser: GMPOParser, argv: list[str], **kwargs):
+    import yaml
+
     try:
         return parser.parse_args_and_config(argv, **kwargs)
-    except (ValueError, OSError) as err:  # a config's __post_init__, an unknown flag or YAML key, a missing YAML
-        raise UsageError(" ".join(str(err).split())) from None
+    except (ValueError, OSError, yaml.YAMLError) as err:  # a config's __post_init__, an unknown flag or YAML key,
+        raise UsageError(" ".join(str(err).split())) from None  # a missing or malformed YAML file
 
 
 def parse_train_args(argv: list[str]) -> tuple[GMPOScriptArguments, GMPOConfig, ModelConfig]:
@@ -141,7 +143,7 @@ def parse_train_args(argv: list[str]) -> tuple[GMPOScriptArguments, GMPOConfig, 
     if script_args.dry_run and not _has_gpu():
         # TrainingArguments rejects bf16 without a GPU unless use_cpu is set; a dry run resolves a GPU recipe anyway.
         preset.setdefault("use_cpu", True)
-    parser = GMPOParser([GMPOScriptArguments, GMPOConfig, ModelConfig])
+    parser = GMPOParser([GMPOScriptArguments, GMPOConfig, ModelConfig], prog="gmpo train")
     parser.set_defaults_with_config(**preset)
     return _parse(parser, argv)
 

@@ -6,10 +6,12 @@ written last, after the model, tokenizer, trainer_state.json and plots.
 
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import yaml
 
 from gmpo.cli import UsageError
@@ -21,7 +23,6 @@ MARKER = "run_complete.json"
 
 
 def train(argv: list[str]) -> None:
-    start = time.monotonic()
     script_args, training_args, model_args = parse_train_args(argv)
     check_arguments(script_args, model_args)
     reward_funcs = resolve_rewards(script_args.reward_funcs, training_args, require_packages=not script_args.dry_run)
@@ -29,18 +30,42 @@ def train(argv: list[str]) -> None:
         print(yaml.safe_dump(resolved_config(script_args, training_args, model_args), sort_keys=False), end="")
         return
 
-    train_dataset, eval_dataset, heldout = load_data(script_args, training_args)
+    data = load_data(script_args, training_args)
     source = script_args.dataset_name or f"built-in task {script_args.task!r}"
-    check_reward_columns(script_args.reward_funcs, reward_funcs, train_dataset.column_names, source)
+    check_reward_columns(script_args.reward_funcs, reward_funcs, data[0].column_names, source)
     check_model(model_args, training_args)
     plots_available = matplotlib_available()
 
+    trainer, accuracy = build_trainer(script_args, training_args, model_args, reward_funcs, data)
+
+    output_dir = Path(training_args.output_dir)
+    is_main = trainer.accelerator.is_main_process
+    if is_main:
+        (output_dir / MARKER).unlink(missing_ok=True)  # from here on the directory is not a finished run
+        if not plots_available:
+            print("matplotlib is not installed: no plots will be written (pip install 'gmpo[plot]')", file=sys.stderr)
+    trainer.accelerator.print(f"GMPO on {source}: {describe_rollouts(training_args)}")
+
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.save_state()
+    if is_main:
+        wall_time_s = time.time() - psutil.Process().create_time()  # since the process started, imports included
+        summary = run_summary(argv, script_args, training_args, model_args, trainer, accuracy, wall_time_s)
+        report(summary, output_dir, plots_available)
+    if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers and the process group, as `trl grpo` does
+        trainer.end()
+
+
+def build_trainer(script_args, training_args, model_args, reward_funcs, data):
+    """The GMPOTrainer, built as `trl grpo` builds its GRPOTrainer, and the held-out accuracy callback (or None)."""
     import torch
     from transformers import ProgressCallback
     from trl import get_peft_config, get_quantization_config
 
     from gmpo import GMPOTrainer
 
+    train_dataset, eval_dataset, heldout = data
     if script_args.num_threads:
         torch.set_num_threads(script_args.num_threads)
     model_init_kwargs = {
@@ -65,22 +90,7 @@ def train(argv: list[str]) -> None:
         trainer.add_callback(accuracy)
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(CompactProgress())
-
-    output_dir = Path(training_args.output_dir)
-    is_main = trainer.accelerator.is_main_process
-    if is_main:
-        (output_dir / MARKER).unlink(missing_ok=True)  # from here on the directory is not a finished run
-        if not plots_available:
-            print("matplotlib is not installed: no plots will be written (pip install 'gmpo[plot]')", file=sys.stderr)
-    trainer.accelerator.print(f"GMPO on {source}: {describe_rollouts(training_args)}")
-
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    trainer.save_state()
-    if is_main:
-        summary = run_summary(script_args, training_args, model_args, trainer, accuracy, time.monotonic() - start)
-        report(summary, output_dir, plots_available)
-    trainer.end()  # finish the trackers and destroy the process group, as `trl grpo` does
+    return trainer, accuracy
 
 
 def check_arguments(script_args, model_args) -> None:
@@ -141,7 +151,7 @@ def matplotlib_available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def run_summary(script_args, training_args, model_args, trainer, accuracy, wall_time_s: float) -> dict:
+def run_summary(argv, script_args, training_args, model_args, trainer, accuracy, wall_time_s: float) -> dict:
     summary = {
         "source": script_args.dataset_name or f"task:{script_args.task}",
         "model": model_args.model_name_or_path,
@@ -152,7 +162,7 @@ def run_summary(script_args, training_args, model_args, trainer, accuracy, wall_
         "epsilon_high": training_args.epsilon_high,
         **rollout_summary(training_args),
         "wall_time_s": round(wall_time_s, 1),
-        "command": "gmpo train " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["train"] else None,
+        "command": shlex.join(["gmpo", "train", *argv]),
     }
     if accuracy is not None:
         summary.update(
