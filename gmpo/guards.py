@@ -17,7 +17,8 @@ class NonFiniteGradientGuard(TrainerCallback):
 
     policy "skip": every parameter's grad is set to None, so the optimizer leaves the weights (and its moments)
     untouched for that step; `skipped` counts such steps. policy "stop": RuntimeError.
-    The flag is reduced across processes, so every rank takes the same decision (sharded gradients included).
+    The check reads the global gradient norm (the one computed for clipping, else a reduced local norm), so every
+    rank takes the same decision, sharded gradients included.
     Gradients held inside a DeepSpeed engine are not visible here; DeepSpeed applies its own overflow check.
     """
 
@@ -25,15 +26,19 @@ class NonFiniteGradientGuard(TrainerCallback):
         self.policy = policy
         self.accelerator = accelerator
         self.skipped = 0
+        self.grad_norm = None  # set by the trainer when it has just computed the global norm for clipping
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if not grads:
             return
-        bad = torch.stack([~torch.isfinite(g).all() for g in grads]).any().float()
-        if self.accelerator.num_processes > 1:
-            bad = self.accelerator.reduce(bad, reduction="sum")
-        if not bad.item():
+        # Any NaN or inf makes the total norm non-finite. The clipping norm is already global; a local one is not.
+        norm, self.grad_norm = self.grad_norm, None
+        if norm is None:
+            norm = torch.nn.utils.get_total_norm(grads)
+            if self.accelerator.num_processes > 1:
+                norm = self.accelerator.reduce(norm.reshape(1), reduction="sum")
+        if bool(torch.isfinite(torch.as_tensor(norm)).all()):
             return
         step = state.global_step + 1
         if self.policy == "stop":

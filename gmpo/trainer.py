@@ -293,6 +293,11 @@ class GMPOTrainer(GRPOTrainer):
         if self._entropy_bonus_enabled and mode == "train" and self.accelerator.sync_gradients:
             self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
+    def _clip_grad_norm(self, model):
+        grad_norm = super()._clip_grad_norm(model)
+        self._nonfinite_guard.grad_norm = grad_norm
+        return grad_norm
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
         prefix = "eval_" if mode == "eval" else ""

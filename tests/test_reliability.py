@@ -243,9 +243,10 @@ class WeightsPerStep(TrainerCallback):
         self.changed[state.global_step] = any(not torch.equal(a, p) for a, p in zip(self._before, model.parameters()))
 
 
-def trainer_with_nan_loss_at(tiny_model_dir, prompt_dataset, tmp_path, step, policy, callbacks=None):
+def trainer_with_nan_loss_at(tiny_model_dir, prompt_dataset, tmp_path, step, policy, callbacks=None, **config):
     trainer = GMPOTrainer(model=tiny_model_dir, reward_funcs=count_ones_reward, train_dataset=prompt_dataset,
-                          args=tiny_config(tmp_path, max_steps=4, nonfinite_grad_policy=policy), callbacks=callbacks)
+                          args=tiny_config(tmp_path, max_steps=4, nonfinite_grad_policy=policy, **config),
+                          callbacks=callbacks)
     compute_loss = trainer._compute_loss
 
     def poisoned(model, inputs):  # NaN loss, hence NaN gradients, on one optimizer step
@@ -256,9 +257,12 @@ def trainer_with_nan_loss_at(tiny_model_dir, prompt_dataset, tmp_path, step, pol
     return trainer
 
 
-def test_nonfinite_gradient_skips_the_step(tiny_model_dir, prompt_dataset, tmp_path, caplog):
+# The guard reads the norm computed for gradient clipping; without clipping it computes the norm itself.
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0], ids=["clipping-norm", "own-norm"])
+def test_nonfinite_gradient_skips_the_step(tiny_model_dir, prompt_dataset, tmp_path, caplog, max_grad_norm):
     recorder = WeightsPerStep()
-    trainer = trainer_with_nan_loss_at(tiny_model_dir, prompt_dataset, tmp_path, NAN_AT_STEP, "skip", [recorder])
+    trainer = trainer_with_nan_loss_at(tiny_model_dir, prompt_dataset, tmp_path, NAN_AT_STEP, "skip", [recorder],
+                                       max_grad_norm=max_grad_norm)
     with caplog.at_level(logging.WARNING, logger="gmpo"):
         trainer.train()
     assert_finite_run(trainer)

@@ -23,6 +23,7 @@ def test_overridden_and_called_methods_keep_their_signatures():
     assert params(GRPOTrainer._compute_loss) == ["self", "model", "inputs"]
     assert params(GRPOTrainer.compute_loss)[:3] == ["self", "model", "inputs"]
     assert params(GRPOTrainer.log) == ["self", "logs", "start_time"]
+    assert params(GRPOTrainer._clip_grad_norm) == ["self", "model"]  # transformers.Trainer: the guard reads its norm
     assert params(GRPOTrainer.get_off_policy_mask) == [
         "advantages", "per_token_logps", "sampling_per_token_logps", "mask", "off_policy_threshold"]
     assert params(GRPOTrainer.get_high_entropy_mask) == ["self", "entropies", "mask", "threshold"]
