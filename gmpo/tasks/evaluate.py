@@ -1,11 +1,9 @@
 """Greedy held-out evaluation of a policy on a task dataset."""
 
-from collections.abc import Callable
-
 import torch
 from datasets import Dataset
 
-from gmpo.tasks.rewards import exact_match_reward
+from gmpo.tasks.rewards import char_accuracy_reward, exact_match_reward
 
 
 @torch.no_grad()
@@ -31,16 +29,19 @@ def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int
     return completions
 
 
-def greedy_accuracy(
-    model, tokenizer, dataset: Dataset, batch_size: int = 256, reward: Callable = exact_match_reward
-) -> float:
-    """Mean `reward` of greedy completions over `dataset` (default: fraction exactly correct).
+def greedy_scores(model, tokenizer, dataset: Dataset, batch_size: int = 256) -> dict[str, float]:
+    """Mean exact-match and per-character rewards of greedy completions over `dataset`.
 
     ``max_new_tokens`` is the longest answer (in characters, one token each) plus one for EOS.
-    Pass ``reward=char_accuracy_reward`` for the per-character partial credit.
+    Returns ``{"exact_match": mean r_exact, "char_accuracy": mean r_char}``, both in [0, 1].
     """
     prompts, answers = list(dataset["prompt"]), list(dataset["answer"])
     max_new_tokens = max(len(a) for a in answers) + 1
     completions = greedy_completions(model, tokenizer, prompts, max_new_tokens, batch_size)
-    rewards = reward(completions=completions, answer=answers)
-    return sum(rewards) / len(rewards)
+    rewards = {"exact_match": exact_match_reward, "char_accuracy": char_accuracy_reward}
+    return {name: sum(fn(completions, answers)) / len(answers) for name, fn in rewards.items()}
+
+
+def greedy_accuracy(model, tokenizer, dataset: Dataset, batch_size: int = 256) -> float:
+    """Fraction of `dataset` whose greedy completion exactly matches the answer."""
+    return greedy_scores(model, tokenizer, dataset, batch_size)["exact_match"]
