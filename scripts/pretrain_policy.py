@@ -1,7 +1,7 @@
 """Supervised pretraining of a tiny policy for a built-in task, stopped at partial accuracy.
 
 The policy is trained with next-token cross-entropy on ``answer + <eos>`` given ``<bos> + prompt``
-(the prompt tokens carry no loss) and stops as soon as its greedy exact-match accuracy on the
+(the prompt tokens carry no loss) and stops as soon as its greedy score (`--metric`) on the
 held-out test split reaches ``--target_accuracy``, so RL has room to improve it. Writes
 ``model.safetensors``, ``config.json``, ``generation_config.json`` and the tokenizer files.
 
