@@ -101,16 +101,6 @@ class GMPOTrainer(GRPOTrainer):
         self.add_callback(self._nonfinite_guard)
         params = inspect.signature(self._get_per_token_logps_and_entropies).parameters
         self._model_input_keys = [name for name in params if name not in _NON_INPUT_LOGPS_ARGS]
-        self._rows_needed_beyond_policy = [
-            reason
-            for reason, applies in [
-                ("beta != 0 (KL)", self.beta != 0.0),
-                ("an entropy bonus", self._entropy_bonus_enabled),
-                ("the MoE aux loss", self.aux_loss_enabled),
-                ("top_entropy_quantile < 1", self.top_entropy_quantile < 1.0),
-            ]
-            if applies
-        ]
         if args.skip_zero_advantage_rows and self._rows_needed_beyond_policy:
             logger.info(
                 "skip_zero_advantage_rows has no effect: zero-advantage rows are still needed for "
@@ -187,6 +177,20 @@ class GMPOTrainer(GRPOTrainer):
         metrics.add_mean("entropy", (entropies.detach() * mask).sum(), mask.sum())
         self._log_step_metrics(out.stats, metrics, mode)
         return loss
+
+    @property
+    def _rows_needed_beyond_policy(self) -> list[str]:
+        """The loss terms, other than GMPO's, that read zero-advantage rows too."""
+        return [
+            reason
+            for reason, applies in [
+                ("beta != 0 (KL)", self.beta != 0.0),
+                ("an entropy bonus", self._entropy_bonus_enabled),
+                ("the MoE aux loss", self.aux_loss_enabled),
+                ("top_entropy_quantile < 1", self.top_entropy_quantile < 1.0),
+            ]
+            if applies
+        ]
 
     def _drop_zero_advantage_rows(self, inputs, metrics: MetricPack):
         """The micro-batch without the rows whose advantage is 0 (their term -0 * w_i has no gradient).
