@@ -6,7 +6,7 @@ import pytest
 import torch
 from datasets import Dataset
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
 
 from gmpo import GMPOConfig, GMPOTrainer
 
@@ -35,6 +35,20 @@ def tiny_model_dir(tmp_path_factory):
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
     )
     LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_dir(tmp_path_factory):
+    """A one-layer Mixtral with router aux loss coefficient 0.02, for the MoE aux-loss paths."""
+    path = tmp_path_factory.mktemp("tiny-moe")
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           router_aux_loss_coef=0.02, output_router_logits=True)
+    MixtralForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from gmpo import GMPOTrainer
+from gmpo.metrics import MetricPack
 
 from .conftest import count_ones_reward, tiny_config
 from .test_trainer_loss import make_inputs
@@ -70,7 +71,15 @@ def test_no_skipping_when_other_terms_need_the_rows(tiny_model_dir, prompt_datas
                     args=tiny_config(tmp_path, **overrides))
     inputs = {"advantages": torch.tensor([0.0, 1.0]), "prompt_ids": torch.ones(2, 3, dtype=torch.long)}
     assert t._rows_needed_beyond_policy
-    assert t._drop_zero_advantage_rows(inputs, metrics=type("M", (), {"add_mean": lambda *a: None})()) is inputs
+    assert t._drop_zero_advantage_rows(inputs, metrics=MetricPack()) is inputs
+
+
+def test_no_skipping_with_the_moe_aux_loss(tiny_moe_dir, prompt_dataset, tmp_path):
+    t = GMPOTrainer(model=tiny_moe_dir, reward_funcs=count_ones_reward, train_dataset=prompt_dataset,
+                    args=tiny_config(tmp_path))
+    assert t.aux_loss_enabled and "the MoE aux loss" in t._rows_needed_beyond_policy
+    inputs = {"advantages": torch.tensor([0.0, 1.0]), "prompt_ids": torch.ones(2, 3, dtype=torch.long)}
+    assert t._drop_zero_advantage_rows(inputs, metrics=MetricPack()) is inputs
 
 
 def test_same_weights_after_training_with_and_without_skipping(tiny_model_dir, prompt_dataset, tmp_path):

@@ -284,19 +284,8 @@ def test_model_card_names_gmpo(trainer):
     assert "DeepSeekMath" not in text
 
 
-def test_moe_router_aux_loss_is_added(prompt_dataset, tmp_path):
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    from .conftest import build_tokenizer
-
-    tokenizer = build_tokenizer()
-    torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=32, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                           router_aux_loss_coef=0.02, output_router_logits=True)
-    MixtralForCausalLM(config).save_pretrained(tmp_path / "moe")
-    tokenizer.save_pretrained(tmp_path / "moe")
-    trainer = GMPOTrainer(model=str(tmp_path / "moe"), reward_funcs=count_ones_reward, train_dataset=prompt_dataset,
+def test_moe_router_aux_loss_is_added(tiny_moe_dir, prompt_dataset, tmp_path):
+    trainer = GMPOTrainer(model=tiny_moe_dir, reward_funcs=count_ones_reward, train_dataset=prompt_dataset,
                           args=tiny_config(tmp_path / "out"))
     assert trainer.aux_loss_enabled and trainer.router_aux_loss_coef == 0.02
     trainer.model.train()
