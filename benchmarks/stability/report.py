@@ -72,6 +72,17 @@ def step_means(runs: list[dict], key: str) -> list[float]:
     return [statistics.fmean(r["records"][i].get(key, math.nan) for r in runs) for i in range(n)]
 
 
+def cycle_extremes(run: dict) -> list[tuple[int, float, float]]:
+    """Per rollout (steps_per_generation consecutive steps): (first step, max of max r, min of min r) over its
+    off-policy steps; the lag-0 step has r = 0 and the lag pattern would otherwise dominate the picture."""
+    cycles: dict[int, list[dict]] = {}
+    for r in run["records"]:
+        cycles.setdefault((r["step"] - 1) // run["steps_per_generation"], []).append(r)
+    return [(c * run["steps_per_generation"] + 1, max(r["log_ratio_max"] for r in recs if r["lag"] >= 1),
+             min(r["log_ratio_min"] for r in recs if r["lag"] >= 1))
+            for c, recs in sorted(cycles.items()) if any(r["lag"] >= 1 for r in recs)]
+
+
 def load(runs_dir: Path) -> tuple[dict, dict, dict]:
     runs: dict[tuple[str, str], list[dict]] = {}
     for path in sorted(runs_dir.glob("*__seed*.json")):
@@ -142,21 +153,25 @@ def plot_task(task: str, runs: dict, initial: dict, out_dir: Path) -> list[str]:
     fig, axes = plt.subplots(2, 4, figsize=(12, 5.2), sharex=True, sharey=True)
     for ax, v in zip(axes.flat, variants):
         group = runs[(task, v)]
-        steps = [r["step"] for r in group[0]["records"]]
-        for run in group:
-            recs = run["records"]
-            ax.plot(steps, [r["log_ratio_max"] for r in recs], color="tab:red", lw=0.5, alpha=0.35)
-            ax.plot(steps, [r["log_ratio_min"] for r in recs], color="tab:blue", lw=0.5, alpha=0.35)
-        ax.plot(steps, step_means(group, "log_ratio_max"), color="tab:red", lw=1.2, label="max r (seed mean)")
-        ax.plot(steps, step_means(group, "log_ratio_min"), color="tab:blue", lw=1.2, label="min r (seed mean)")
+        per_seed = [cycle_extremes(run) for run in group]
+        cycles = [c for c, _, _ in per_seed[0]]
+        for series in per_seed:
+            ax.plot(cycles, [hi for _, hi, _ in series], color="tab:red", lw=0.5, alpha=0.35)
+            ax.plot(cycles, [lo for _, _, lo in series], color="tab:blue", lw=0.5, alpha=0.35)
+        n = min(len(series) for series in per_seed)
+        ax.plot(cycles[:n], [statistics.fmean(s[i][1] for s in per_seed) for i in range(n)], color="tab:red",
+                lw=1.3, label="max r (seed mean)")
+        ax.plot(cycles[:n], [statistics.fmean(s[i][2] for s in per_seed) for i in range(n)], color="tab:blue",
+                lw=1.3, label="min r (seed mean)")
         for bound in (-0.4, 0.4):
             ax.axhline(bound, color="grey", ls="--", lw=0.7)
         ax.set_title(VARIANT_LABELS[v], fontsize=9)
         ax.grid(alpha=0.3)
     axes.flat[-1].axis("off")
     axes.flat[0].legend(fontsize=7, loc="lower left")
-    fig.suptitle(f"{task}: token log-ratio extremes per optimizer step (thin: seeds; dashed: ±0.4)", fontsize=10)
-    fig.supxlabel("optimizer step", fontsize=9)
+    fig.suptitle(f"{task}: extreme token log-ratio of each rollout's off-policy steps (lag 1-3; thin: seeds; "
+                 "dashed: ±0.4)", fontsize=10)
+    fig.supxlabel("optimizer step at the start of the rollout", fontsize=9)
     fig.tight_layout()
     paths = [out_dir / f"{task}_log_ratio.png"]
     fig.savefig(paths[0], dpi=80)
