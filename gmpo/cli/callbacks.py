@@ -25,6 +25,7 @@ class CompactProgress(ProgressCallback):
         if self.training_bar is not None and self.postfix:
             self.training_bar.set_postfix(self.postfix, refresh=False)
 
+
 class HeldOutAccuracy(TrainerCallback):
     """Greedy exact-match accuracy on a held-out split: before training, every `every` optimizer steps (0: never),
     and after training. Each measurement is a ``{"step", "greedy_accuracy"}`` row of the log history, so
