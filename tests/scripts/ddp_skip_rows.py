@@ -3,6 +3,7 @@
 Usage: torchrun --nproc_per_node 2 ddp_skip_rows.py MODEL_DIR OUTPUT_DIR SKIP(1|0)
 """
 
+import os
 import sys
 
 from accelerate import PartialState
@@ -30,3 +31,9 @@ logs = [log for log in trainer.state.log_history if "skipped_rows_frac" in log]
 if skip and PartialState().is_main_process:
     assert logs and all(log["skipped_rows_frac"] >= 0.5 for log in logs), logs
 trainer.save_model(f"{output_dir}/final")
+trainer.end()
+# Leave without C++ static destructors: at interpreter teardown a torch/gloo background thread can still be joinable,
+# and the process then aborts ("terminate called without an active exception") after all work is done and saved.
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
