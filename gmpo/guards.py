@@ -1,11 +1,12 @@
 """Guard rails around the optimizer step and the reward functions."""
 
 import functools
-import inspect
 import logging
+import math
 
 import torch
 from transformers import TrainerCallback
+from trl.trainer.utils import is_async_callable
 
 logger = logging.getLogger(__name__)
 
@@ -54,31 +55,74 @@ class NonFiniteGradientGuard(TrainerCallback):
 
 
 class RewardFunctionError(RuntimeError):
-    """A reward function raised; the message names it."""
+    """A reward function raised, or returned something that is not one reward per completion; the message names it."""
+
+
+def reward_output_problem(output, num_completions: int | None) -> str | None:
+    """What is wrong with a reward function's return value, or None when TRL can use it.
+
+    Valid: a sized, non-string sequence (list, tuple, 1-D array or tensor) with one entry per completion, each entry
+    None (no reward) or a finite number (anything with __float__ but str/bytes: int, float, bool, NumPy scalar, 0-d
+    tensor). NaN is accepted: TRL reads it as None.
+    """
+    if isinstance(output, str | bytes | dict) or not hasattr(output, "__len__") or not hasattr(output, "__iter__"):
+        return f"returned {_describe(output)}; it must return a list with one reward (a float, or None) per completion"
+    if num_completions is not None and len(output) != num_completions:
+        return (f"returned {len(output)} rewards for {num_completions} completions; it must return exactly one reward "
+                "(a float, or None) per completion")
+    for index, value in enumerate(output):
+        if value is None:
+            continue
+        if isinstance(value, str | bytes) or not hasattr(value, "__float__"):
+            return f"returned a non-numeric reward at index {index}: {_describe(value)}; rewards are floats, or None"
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return f"returned a reward that is not one number at index {index}: {_describe(value)}"
+        if math.isinf(number):
+            return (f"returned {number} at index {index}; rewards must be finite (None or NaN marks a completion "
+                    "without a reward)")
+    return None
+
+
+def _describe(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
 
 
 def name_reward_errors(func, name: str):
-    """`func` with any exception re-raised as RewardFunctionError naming the reward function."""
+    """`func` wrapped so that an exception it raises, or an output `reward_output_problem` rejects, becomes a
+    RewardFunctionError naming it. Synchronous or asynchronous exactly as TRL's `is_async_callable` sees `func`
+    (functions, partials, objects with a sync or async __call__), so TRL calls the wrapper as it would call `func`."""
+
+    def checked(output, kwargs):
+        completions = kwargs.get("completions")
+        problem = reward_output_problem(output, None if completions is None else len(completions))
+        if problem is not None:
+            raise RewardFunctionError(f"reward function {name!r} {problem}")
+        return output
 
     def reraise(error):
         raise RewardFunctionError(f"reward function {name!r} raised {type(error).__name__}: {error}") from error
 
-    if inspect.iscoroutinefunction(func):
+    if is_async_callable(func):
 
         @functools.wraps(func)
         async def async_wrapper(*args, **kwargs):
             try:
-                return await func(*args, **kwargs)
+                output = await func(*args, **kwargs)
             except Exception as error:
                 reraise(error)
+            return checked(output, kwargs)
 
         return async_wrapper
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
-            return func(*args, **kwargs)
+            output = func(*args, **kwargs)
         except Exception as error:
             reraise(error)
+        return checked(output, kwargs)
 
     return wrapper

@@ -52,3 +52,13 @@ def test_trainer_state_the_loss_reads(tiny_model_dir, prompt_dataset, tmp_path):
 
 def test_reward_funcs_is_optional():
     assert inspect.signature(GMPOTrainer.__init__).parameters["reward_funcs"].default is None
+
+
+def test_trl_decides_sync_or_async_with_is_async_callable():
+    # gmpo.guards wraps each reward function so that this same predicate sees the wrapper as it sees the function.
+    from trl.trainer.utils import is_async_callable
+
+    source = inspect.getsource(GRPOTrainer._calculate_rewards)
+    assert "is_async_callable(reward_func)" in source
+    assert "is_async_callable(func)" in inspect.getsource(GRPOTrainer.__init__)
+    assert params(is_async_callable) == ["func"]

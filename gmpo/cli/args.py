@@ -5,6 +5,7 @@ Precedence, lowest first: TRL's defaults, the built-in task's preset (only when 
 """
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 
@@ -12,8 +13,9 @@ from trl import ModelConfig, ScriptArguments, TrlParser
 
 from gmpo import GMPOConfig
 from gmpo.cli import UsageError
+from gmpo.cli.flags import check_config_keys, check_no_leftovers, split_config_flag
 
-# The built-in default run: the shipped 0.5M-parameter policy on 2-digit addition, off-policy (8 optimizer steps per
+# The built-in default run: the shipped 0.4M-parameter policy on 2-digit addition, off-policy (8 optimizer steps per
 # rollout, as in the paper) on CPU. Measured in docs/cli.md: about +20 points of held-out accuracy in ~2 minutes.
 TASK_PRESETS = {
     "addition": {
@@ -110,19 +112,30 @@ class GMPOParser(TrlParser):
         raise UsageError(f"{message} (see gmpo train --help)")
 
 
-def _parse(parser: GMPOParser, argv: list[str], **kwargs):
+def _parse(parser: GMPOParser, argv: list[str], strict: bool = True):
+    """The dataclasses `parser` fills from `argv` and its `--config` file; with `strict`, any flag or config key the
+    parser does not know is a UsageError naming the closest valid one."""
     import yaml
 
+    argv, config_path = split_config_flag(argv)
+    if config_path is not None and not os.path.isfile(config_path):
+        raise UsageError(f"--config {config_path!r}: no such file (pass the path of a YAML recipe)")
     try:
-        return parser.parse_args_and_config(argv, **kwargs)
-    except (ValueError, OSError, yaml.YAMLError) as err:  # a config's __post_init__, an unknown flag or YAML key,
-        raise UsageError(" ".join(str(err).split())) from None  # a missing or malformed YAML file
+        *groups, from_config, from_flags = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+    except (ValueError, OSError, yaml.YAMLError) as err:  # a config's __post_init__, a missing or malformed YAML file
+        raise UsageError(" ".join(str(err).split())) from None
+    if strict:
+        check_no_leftovers(from_flags, [*parser._option_string_actions, "--config"], "see gmpo train --help")
+        check_config_keys(from_config, [action.dest for action in parser._actions], config_path)
+    return tuple(groups)
 
 
 def parse_train_args(argv: list[str]) -> tuple[GMPOScriptArguments, GMPOConfig, ModelConfig]:
     """Script, training and model arguments, with the built-in task's preset under the YAML file and the flags."""
     probe = GMPOParser([GMPOScriptArguments], add_help=False, allow_abbrev=False)
-    script_args, _ = _parse(probe, argv, return_remaining_strings=True)
+    (script_args,) = _parse(probe, argv, strict=False)
     preset = {}
     if script_args.dataset_name is None:
         task = script_args.task or "addition"
@@ -143,7 +156,7 @@ def parse_train_args(argv: list[str]) -> tuple[GMPOScriptArguments, GMPOConfig, 
     if script_args.dry_run and not _has_gpu():
         # TrainingArguments rejects bf16 without a GPU unless use_cpu is set; a dry run resolves a GPU recipe anyway.
         preset.setdefault("use_cpu", True)
-    parser = GMPOParser([GMPOScriptArguments, GMPOConfig, ModelConfig], prog="gmpo train")
+    parser = GMPOParser([GMPOScriptArguments, GMPOConfig, ModelConfig], prog="gmpo train", allow_abbrev=False)
     parser.set_defaults_with_config(**preset)
     return _parse(parser, argv)
 

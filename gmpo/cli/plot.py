@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from gmpo.cli import UsageError
+from gmpo.cli.flags import check_no_leftovers
 
 # file stem -> (title, y label, log-history keys)
 FIGURES = {
@@ -85,14 +86,20 @@ class _Parser(argparse.ArgumentParser):
 
 
 def plot_command(argv: list[str]) -> None:
-    parser = _Parser(prog="gmpo plot", description=__doc__.splitlines()[0])
-    parser.add_argument("output_dir", type=Path, help="output directory of a `gmpo train` run")
-    args = parser.parse_args(argv)
+    parser = _Parser(prog="gmpo plot", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("output_dir", type=Path, nargs="?", help="output directory of a `gmpo train` run")
+    args, leftovers = parser.parse_known_args(argv)
+    check_no_leftovers(leftovers, list(parser._option_string_actions), "usage: gmpo plot OUTPUT_DIR")
+    if args.output_dir is None:
+        raise UsageError("missing OUTPUT_DIR, the output directory of a `gmpo train` run (usage: gmpo plot OUTPUT_DIR)")
     summary_path = args.output_dir / "run_complete.json"
     clip_bounds = None
     if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        clip_bounds = (summary["epsilon"], summary["epsilon_high"])
+        try:
+            summary = json.loads(summary_path.read_text())
+            clip_bounds = (float(summary["epsilon"]), float(summary["epsilon_high"]))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            clip_bounds = None  # an unreadable summary only costs the clip-range lines of the log-ratio figure
     written = write_plots(args.output_dir, clip_bounds)
     if not written:
         raise UsageError(f"{args.output_dir}/trainer_state.json logs none of the plotted metrics")
