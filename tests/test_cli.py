@@ -195,7 +195,8 @@ def test_top_level_usage(capsys):
     assert main([]) == 2 and "commands:" in capsys.readouterr().out
     assert main(["--help"]) == 0
     assert main(["trian"]) == 2
-    assert capsys.readouterr().err.strip() == "gmpo: error: unknown command 'trian'; valid commands are 'train' and 'plot'"
+    assert capsys.readouterr().err.strip() == (
+        "gmpo: error: unknown command 'trian'; did you mean 'train'? (valid commands are 'train' and 'plot')")
 
 
 def test_plot_errors(capsys, tmp_path):

@@ -20,6 +20,11 @@ class UsageError(Exception):
     """Bad user input: reported as one line and exit status 2, without a traceback."""
 
 
+class RunError(Exception):
+    """A failure that only shows during training and is the user's to fix (a reward function's output): reported as
+    one line and exit status 1, without a traceback."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -39,11 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     elif command == "plot":
         from gmpo.cli.plot import plot_command as run
     else:
-        print(f"gmpo: error: unknown command {command!r}; valid commands are 'train' and 'plot'", file=sys.stderr)
+        from gmpo.cli.flags import closest
+
+        suggestion = closest(command, ["train", "plot", "--help", "--version"])
+        hint = f"; did you mean {suggestion!r}?" if suggestion else ""
+        print(f"gmpo: error: unknown command {command!r}{hint} (valid commands are 'train' and 'plot')", file=sys.stderr)
         return 2
     try:
         run(rest)
     except UsageError as err:
         print(f"gmpo {command}: error: {err}", file=sys.stderr)
         return 2
+    except RunError as err:
+        print(f"gmpo {command}: error: {err}", file=sys.stderr)
+        return 1
     return 0

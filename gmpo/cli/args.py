@@ -104,6 +104,14 @@ class GMPOScriptArguments(ScriptArguments):
         },
     )
 
+    def __post_init__(self):
+        if hasattr(super(), "__post_init__"):
+            super().__post_init__()
+        for name, low in (("train_size", 1), ("eval_size", 1), ("accuracy_steps", 0), ("num_threads", 1)):
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ValueError(f"--{name} must be an integer >= {low}, got {value}")
+
 
 class GMPOParser(TrlParser):
     """TrlParser whose argparse errors become a `UsageError` (one line, exit 2) instead of usage + exit."""

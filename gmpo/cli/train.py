@@ -7,6 +7,7 @@ written last, after the model, tokenizer, trainer_state.json and plots.
 import json
 import os
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -14,10 +15,12 @@ from pathlib import Path
 import psutil
 import yaml
 
-from gmpo.cli import UsageError
+from gmpo.cli import RunError
 from gmpo.cli.args import describe_rollouts, parse_train_args, resolved_config, rollout_summary
 from gmpo.cli.callbacks import CompactProgress, HeldOutAccuracy
+from gmpo.cli.checks import check_arguments, check_chat_template, check_model, check_output_dir
 from gmpo.cli.rewards import check_reward_columns, resolve_rewards
+from gmpo.guards import RewardFunctionError
 
 MARKER = "run_complete.json"
 
@@ -25,6 +28,7 @@ MARKER = "run_complete.json"
 def train(argv: list[str]) -> None:
     script_args, training_args, model_args = parse_train_args(argv)
     check_arguments(script_args, model_args)
+    check_output_dir(training_args.output_dir)
     reward_funcs = resolve_rewards(script_args.reward_funcs, training_args, require_packages=not script_args.dry_run)
     if script_args.dry_run:
         print(yaml.safe_dump(resolved_config(script_args, training_args, model_args), sort_keys=False), end="")
@@ -34,11 +38,13 @@ def train(argv: list[str]) -> None:
     source = script_args.dataset_name or f"built-in task {script_args.task!r}"
     check_reward_columns(script_args.reward_funcs, reward_funcs, data[0].column_names, source)
     check_model(model_args, training_args)
+    check_chat_template(data[0], model_args, training_args, source)
     plots_available = matplotlib_available()
 
+    output_dir = Path(training_args.output_dir)
+    created_output_dir = not output_dir.exists()
     trainer, accuracy = build_trainer(script_args, training_args, model_args, reward_funcs, data)
 
-    output_dir = Path(training_args.output_dir)
     is_main = trainer.accelerator.is_main_process
     if is_main:
         (output_dir / MARKER).unlink(missing_ok=True)  # from here on the directory is not a finished run
@@ -46,7 +52,12 @@ def train(argv: list[str]) -> None:
             print("matplotlib is not installed: no plots will be written (pip install 'gmpo[plot]')", file=sys.stderr)
     trainer.accelerator.print(f"GMPO on {source}: {describe_rollouts(training_args)}")
 
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except RewardFunctionError as err:
+        close_progress_bars(trainer)
+        kept = remove_unfinished_output(output_dir, created_output_dir) if is_main else ""
+        raise RunError(f"{err} ({kept})") from None
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
     if is_main:
@@ -55,6 +66,25 @@ def train(argv: list[str]) -> None:
         report(summary, output_dir, plots_available)
     if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers and the process group, as `trl grpo` does
         trainer.end()
+
+
+def close_progress_bars(trainer) -> None:
+    """End the progress bar's line now, so that an error printed next is the last line, not followed by the bar."""
+    from transformers import ProgressCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
+            callback.training_bar.close()
+            callback.training_bar = None
+
+
+def remove_unfinished_output(output_dir: Path, created: bool) -> str:
+    """Delete the output directory of a failed run if this run created it and it holds no checkpoint; say what is left.
+    Either way it holds no run_complete.json, so it never reads as a finished run."""
+    if created and output_dir.is_dir() and not any(output_dir.glob("checkpoint-*")):
+        shutil.rmtree(output_dir, ignore_errors=True)
+        return f"stopped; nothing was saved, {output_dir} removed"
+    return f"stopped; {output_dir} holds no {MARKER}: not a finished run"
 
 
 def build_trainer(script_args, training_args, model_args, reward_funcs, data):
@@ -91,39 +121,6 @@ def build_trainer(script_args, training_args, model_args, reward_funcs, data):
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(CompactProgress())
     return trainer, accuracy
-
-
-def check_arguments(script_args, model_args) -> None:
-    """What TRL would only discover after loading: a user dataset needs a model and rewards."""
-    if script_args.dataset_name is not None:
-        if model_args.model_name_or_path is None:
-            raise UsageError("--model_name_or_path is required with --dataset_name (a local directory or a Hub id)")
-        if not script_args.reward_funcs:
-            from gmpo.cli.rewards import REWARDS
-
-            raise UsageError(
-                f"--reward_funcs is required with --dataset_name: names from {sorted(REWARDS)} or dotted import "
-                "paths 'package.module.function'"
-            )
-    name = model_args.model_name_or_path
-    if name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
-        raise UsageError(f"--model_name_or_path {name!r}: no such directory")
-
-
-def check_model(model_args, training_args) -> None:
-    """Load the model's config only, so that a bad model name fails before anything is written."""
-    from transformers import AutoConfig
-
-    name = model_args.model_name_or_path
-    try:
-        AutoConfig.from_pretrained(
-            name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
-        )
-    except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0]
-        raise UsageError(
-            f"cannot load model {name!r}: {first_line} (pass a directory written by save_pretrained or a Hub model id)"
-        ) from None
 
 
 def load_data(script_args, training_args):
