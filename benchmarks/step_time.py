@@ -201,7 +201,7 @@ def source_state():
     git = ["git", "-C", root]
     commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run([*git, "status", "--porcelain", "gmpo"], capture_output=True, text=True).stdout.strip()
-    return (f"gmpo from {root} at {commit or 'unknown commit'}{' + uncommitted changes in gmpo/' if dirty else ''}; "
+    return (f"gmpo at {commit or 'unknown commit'}{' + uncommitted changes in gmpo/' if dirty else ''}; "
             f"torch {torch.__version__}, trl {trl.__version__}; {time.strftime('%Y-%m-%d %H:%M %Z')}")
 
 
@@ -277,7 +277,7 @@ def print_targets(med, runs):
         ("loss-step CPU time <= 1.00x TRL-GMPO", "loss_cpu", "trl-gmpo", 1.00),
         ("peak RSS <= 1.01x GRPO", "rss", "grpo", 1.01),
     ]
-    print("\ntargets (issue 2), on the medians above; per-round ratios in brackets:")
+    print("\ntargets, on the medians above; per-round ratios in brackets:")
     for label, key, base, limit in targets:
         ratio = med["gmpo"][key] / med[base][key]
         per_round = " ".join(f"{o[key] / b[key]:.3f}" for o, b in zip(runs["gmpo"], runs[base]))

@@ -211,7 +211,7 @@ def test_plot_without_matplotlib(tmp_path, monkeypatch):
 
     (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": 1, "reward": 0.5}]}))
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    with pytest.raises(UsageError, match=r"plots need matplotlib: pip install 'gmpo\[plot\]'"):
+    with pytest.raises(UsageError, match=r"plots need matplotlib: pip install matplotlib"):
         write_plots(tmp_path)
 
 
@@ -306,7 +306,9 @@ def test_train_end_to_end_and_plot(tmp_path):
 
 @pytest.mark.slow
 def test_default_run_learns(tmp_path):
-    """`gmpo train` with no arguments (but the output dir): +10 points of held-out accuracy with the default seed."""
+    """`gmpo train` with no arguments (but the output dir): at least +10 points of held-out accuracy with the default
+    seed. Measured gains, seeds 42 and 0-3 on an Intel Xeon and an AMD EPYC, were +20.2 to +26.1 points (docs/cli.md):
+    the threshold is half the smallest, so it holds on processors whose rounding gives another trajectory."""
     result = run_cli("train", "--output_dir", str(tmp_path / "run"), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "run_complete.json").read_text())

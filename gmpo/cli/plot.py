@@ -48,7 +48,7 @@ def write_plots(output_dir: Path, clip_bounds: tuple[float, float] | None = None
     try:
         import matplotlib
     except ImportError:
-        raise UsageError("plots need matplotlib: pip install 'gmpo[plot]' (or pip install matplotlib)") from None
+        raise UsageError("plots need matplotlib: pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

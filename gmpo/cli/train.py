@@ -49,7 +49,7 @@ def train(argv: list[str]) -> None:
     if is_main:
         (output_dir / MARKER).unlink(missing_ok=True)  # from here on the directory is not a finished run
         if not plots_available:
-            print("matplotlib is not installed: no plots will be written (pip install 'gmpo[plot]')", file=sys.stderr)
+            print("matplotlib is not installed: no plots will be written (pip install matplotlib)", file=sys.stderr)
     trainer.accelerator.print(f"GMPO on {source}: {describe_rollouts(training_args)}")
 
     try:
