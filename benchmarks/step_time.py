@@ -83,14 +83,19 @@ def parse_args(argv=None):
     return args
 
 
-def build_tiny_checkpoint(path, hidden_size, num_layers, seed):
-    """A random LlamaForCausalLM and a left-padding character tokenizer, saved like a hub checkpoint."""
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A left-padding character tokenizer: one token per character of CHARS, plus SPECIAL."""
     core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(SPECIAL + CHARS)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
         padding_side="left", truncation_side="left",
     )
+
+
+def build_tiny_checkpoint(path, hidden_size, num_layers, seed):
+    """A random LlamaForCausalLM and the character tokenizer, saved like a hub checkpoint."""
+    tokenizer = build_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,

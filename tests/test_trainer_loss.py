@@ -33,19 +33,22 @@ def reference_logps_and_entropy(model, inputs):
     return token_logp, entropy
 
 
-def make_inputs(model, seed=0, spread=0.5):
+def make_inputs(model, seed=0, spread=0.5, lengths=LENGTHS):
+    """A hand-built micro-batch on the model's device; old log-probs = current (float64) + N(0, spread^2) noise."""
     g = torch.Generator().manual_seed(seed)
-    rows, prompt_len, length = len(LENGTHS), 3, max(LENGTHS)
+    rows, prompt_len, length = len(lengths), 3, max(lengths)
     vocab = model.config.vocab_size
     inputs = {
         "prompt_ids": torch.randint(4, vocab, (rows, prompt_len), generator=g),
         "prompt_mask": torch.ones(rows, prompt_len, dtype=torch.long),
         "completion_ids": torch.randint(4, vocab, (rows, length), generator=g),
-        "completion_mask": (torch.arange(length) < torch.tensor(LENGTHS)[:, None]).long(),
+        "completion_mask": (torch.arange(length) < torch.tensor(lengths)[:, None]).long(),
         "advantages": torch.tensor(ADVANTAGES, dtype=torch.float64),
     }
+    inputs = {key: value.to(model.device) for key, value in inputs.items()}
     logps, _ = reference_logps_and_entropy(model, inputs)
-    inputs["old_per_token_logps"] = logps + spread * torch.randn(logps.shape, generator=g, dtype=torch.float64)
+    noise = spread * torch.randn(logps.shape, generator=g, dtype=torch.float64)
+    inputs["old_per_token_logps"] = logps + noise.to(logps.device)
     return inputs
 
 
