@@ -24,33 +24,33 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def save_model_dir(tmp_path_factory, name: str, model_class, config, seed: int = 0) -> str:
+    """`model_class(config)` initialised with `seed`, saved with the character tokenizer like a hub checkpoint."""
+    path = tmp_path_factory.mktemp(name)
+    torch.manual_seed(seed)
+    model_class(config).save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = build_tokenizer()
-    torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
     )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_model_dir(tmp_path_factory, "tiny-llama", LlamaForCausalLM, config)
 
 
 @pytest.fixture(scope="session")
 def tiny_moe_dir(tmp_path_factory):
     """A one-layer Mixtral with router aux loss coefficient 0.02, for the MoE aux-loss paths."""
-    path = tmp_path_factory.mktemp("tiny-moe")
-    tokenizer = build_tokenizer()
-    torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+    config = MixtralConfig(vocab_size=len(build_tokenizer()), hidden_size=32, intermediate_size=32, num_hidden_layers=1,
                            num_attention_heads=2, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
                            router_aux_loss_coef=0.02, output_router_logits=True)
-    MixtralForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_model_dir(tmp_path_factory, "tiny-moe", MixtralForCausalLM, config)
 
 
 @pytest.fixture(scope="session")

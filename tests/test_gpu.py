@@ -21,7 +21,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from gmpo import GMPOTrainer
 from gmpo.objective import gmpo_objective
 
-from .conftest import build_tokenizer, tiny_config
+from .conftest import build_tokenizer, save_model_dir, tiny_config
 from .reference import reference_loss
 from .test_skip_rows import parameter_gradient
 from .test_trainer_loss import expected_policy_loss, make_inputs, reference_logps_and_entropy
@@ -44,17 +44,13 @@ def unit_roundoff(dtype) -> float:
 @pytest.fixture(scope="module")
 def qwen3_dir(tmp_path_factory):
     """A randomly initialised Qwen3 (q/k norms, GQA, tied embeddings), small, saved in float32."""
-    path = tmp_path_factory.mktemp("tiny-qwen3")
     tokenizer = build_tokenizer()
-    torch.manual_seed(0)
     config = Qwen3Config(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, max_position_embeddings=512,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
     )
-    Qwen3ForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_model_dir(tmp_path_factory, "tiny-qwen3", Qwen3ForCausalLM, config)
 
 
 def make_trainer(model_dir, dataset, output_dir, dtype, **overrides):

@@ -15,7 +15,7 @@ from trl import GRPOConfig, GRPOTrainer
 from gmpo import GMPOTrainer
 from gmpo.guards import RewardFunctionError
 
-from .conftest import build_tokenizer, tiny_config
+from .conftest import build_tokenizer, save_model_dir, tiny_config
 
 PROMPTS = ["12+34=", "12+34=", "50+50=", "50+50="]
 COMPLETIONS = ["46", "4", "100", "1x"]
@@ -53,14 +53,10 @@ FORMS = {
 
 @pytest.fixture(scope="module")
 def reward_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-reward-model")
     tokenizer = build_tokenizer()
-    torch.manual_seed(1)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id)
-    LlamaForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_model_dir(tmp_path_factory, "tiny-reward-model", LlamaForSequenceClassification, config, seed=1)
 
 
 def rewards_of(trainer):
