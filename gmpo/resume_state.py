@@ -3,8 +3,8 @@
 Per rank R, in `checkpoint-N/`:
 
 - `gmpo_rollout_buffer.rank{R}.safetensors`: the rollout buffer (`_buffered_inputs`: `steps_per_generation`
-  micro-batches of generated completions, old/ref log-probs, advantages, ...) as tensors named `{i}/{key}`, and the
-  Trainer's not-yet-logged loss sum (`trainer/tr_loss`), bit for bit;
+  micro-batches of generated completions, old/ref log-probs, advantages, ...) as tensors named `{i}/{key}`, unless
+  the checkpoint is at a rollout boundary, and the Trainer's not-yet-logged loss sum (`trainer/tr_loss`), bit for bit;
 - `gmpo_trainer_memory.rank{R}.json`: TRL's micro-step counter `_step` (which slice of the buffer comes next and
   when to generate again), the non-tensor buffer entries (None, lists), the metrics gathered since the last log,
   the step of the last log, the adaptive entropy controller and the non-finite-gradient skip counter.
@@ -66,8 +66,11 @@ def save_trainer_memory(trainer, checkpoint_dir) -> None:
     rank = trainer.accelerator.process_index
     tensors_path, json_path = _paths(checkpoint_dir, rank)
     tensors = {"trainer/tr_loss": trainer._tr_loss.detach().to("cpu", copy=True).reshape(1)}
+    generate_every = trainer.args.steps_per_generation * trainer.num_iterations
+    # At a rollout boundary the next step generates a new rollout: the old one is not needed.
+    buffered = None if trainer._step % generate_every == 0 else trainer._buffered_inputs
     try:
-        buffer = _encode_buffer(trainer._buffered_inputs, tensors)
+        buffer = _encode_buffer(buffered, tensors)
     except TypeError as err:
         logger.warning(f"The rollout buffer holds a value JSON cannot store ({err}); this checkpoint is saved without "
                        "it, and a run resumed from it regenerates the rest of the rollout.")
