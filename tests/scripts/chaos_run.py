@@ -69,13 +69,14 @@ def main(model_dir: str, output_dir: str, config: dict, kill) -> None:
     trainer = ChaosTrainer(model=model_dir, reward_funcs=count_ones_reward, train_dataset=dataset,
                            args=tiny_config(output_dir, save_strategy="steps", **config), callbacks=[recorder])
     trainer.kill = kill
-    mark_complete = gmpo.trainer.mark_complete
+    mark_complete = getattr(gmpo.trainer, "mark_complete", None)
+    if mark_complete is not None:
 
-    def die_before_marker(*args, **kwargs):
-        trainer._die_if("marker")
-        mark_complete(*args, **kwargs)
+        def die_before_marker(*args, **kwargs):
+            trainer._die_if("marker")
+            mark_complete(*args, **kwargs)
 
-    gmpo.trainer.mark_complete = die_before_marker
+        gmpo.trainer.mark_complete = die_before_marker
     trainer.train(resume_from_checkpoint=True)
     trainer.save_model(os.path.join(output_dir, "final"))
     if trainer.accelerator.is_main_process:
