@@ -87,7 +87,7 @@ def save_trainer_memory(trainer, checkpoint_dir) -> None:
         "globalstep_last_logged": trainer._globalstep_last_logged,
         "entropy_coef": trainer.entropy_coef,
         "last_world_entropy": trainer._last_world_entropy,
-        "nonfinite_steps_skipped": trainer._nonfinite_guard.skipped,
+        "nonfinite_steps_skipped": getattr(trainer, "_nonfinite_guard", None) and trainer._nonfinite_guard.skipped,
     }
     with open(json_path, "w") as f:
         json.dump(memory, f)
@@ -121,7 +121,8 @@ def load_trainer_memory(trainer, checkpoint_dir) -> dict | None:
         trainer._metrics[mode] = defaultdict(list, values)
     trainer.entropy_coef = memory["entropy_coef"]
     trainer._last_world_entropy = memory["last_world_entropy"]
-    trainer._nonfinite_guard.skipped = memory["nonfinite_steps_skipped"]
+    if getattr(trainer, "_nonfinite_guard", None) is not None:
+        trainer._nonfinite_guard.skipped = memory["nonfinite_steps_skipped"]
     return {"tr_loss": tensors["trainer/tr_loss"], "globalstep_last_logged": memory["globalstep_last_logged"]}
 
 
@@ -129,9 +130,8 @@ class RestoreLoggingState(TrainerCallback):
     """Puts back the Trainer's not-yet-logged loss sum and last-log step, which its training loop resets to zero
     after loading a checkpoint: the first log after a resume then averages over the same steps as without one."""
 
-    def __init__(self, trainer):
-        self.trainer = trainer
-        self.pending: dict | None = None
+    def __init__(self, trainer, pending: dict | None):
+        self.trainer, self.pending = trainer, pending
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.pending is not None:

@@ -1,26 +1,17 @@
 import inspect
 import logging
 import math
-import os
 import textwrap
 
 import torch
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from trl import GRPOTrainer
 from trl.trainer.utils import get_config_model_id
 
-from .checkpoint import finished_state, mark_complete, resolve_resume_checkpoint, rotate_checkpoints, unmark
 from .config import GMPOConfig
 from .guards import NonFiniteGradientGuard, name_reward_errors
 from .metrics import MetricPack
 from .objective import gmpo_objective, masked_geometric_mean
-from .resume_state import (
-    EpochReplayRepeatSampler,
-    RestoreLoggingState,
-    load_trainer_memory,
-    rank_files,
-    save_trainer_memory,
-)
+from .resumable import ExactResumeMixin
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +29,13 @@ _EXTREME_METRICS = {
 }
 
 
-class GMPOTrainer(GRPOTrainer):
+class GMPOTrainer(ExactResumeMixin, GRPOTrainer):
     """Trainer for Geometric-Mean Policy Optimization (GMPO, https://huggingface.co/papers/2507.20673).
 
     GMPO maximises mean_i A_i * w_i, where w_i is the geometric mean of row i's token importance ratios, each
     clipped one-sidedly in log space before the mean. Generation, rewards, advantages, vLLM, PEFT and distributed
     training are GRPOTrainer's; only the loss is replaced. The constructor is GRPOTrainer's; `args` must be a
-    [`GMPOConfig`] and defaults to `GMPOConfig("<model>-GMPO")`.
+    [`GMPOConfig`] and defaults to `GMPOConfig("<model>-GMPO")`. Checkpoints resume exactly ([`ExactResumeMixin`]).
     """
 
     _tag_names = ["trl", "gmpo"]
@@ -109,8 +100,6 @@ class GMPOTrainer(GRPOTrainer):
         ]
         self._nonfinite_guard = NonFiniteGradientGuard(args.nonfinite_grad_policy, self.accelerator)
         self.add_callback(self._nonfinite_guard)
-        self._restore_logging = RestoreLoggingState(self)
-        self.add_callback(self._restore_logging)
         params = inspect.signature(self._get_per_token_logps_and_entropies).parameters
         self._model_input_keys = [name for name in params if name not in _NON_INPUT_LOGPS_ARGS]
         if args.skip_zero_advantage_rows and self._rows_needed_beyond_policy:
@@ -127,47 +116,6 @@ class GMPOTrainer(GRPOTrainer):
                 "loss_type='grpo'. Set steps_per_generation > gradient_accumulation_steps or num_iterations > 1 "
                 "to train off-policy as the paper does."
             )
-
-    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
-        """Trainer.train, resuming only from complete checkpoints (`True`: the newest complete one, if any)."""
-        resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
-        state = resume_from_checkpoint and finished_state(resume_from_checkpoint, self.args.max_steps)
-        if state:  # the Trainer would run one more optimizer step past max_steps
-            logger.warning(f"{resume_from_checkpoint} is the end of training (step {state.global_step}): its weights "
-                           "and state are loaded, nothing is trained.")
-            self._load_from_checkpoint(resume_from_checkpoint)
-            self.state = state
-            return TrainOutput(state.global_step, math.nan, {})
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
-
-    def _save_checkpoint(self, model, trial):
-        """The Trainer's checkpoint plus each rank's in-memory state, then the completion marker, then rotation."""
-        run_dir = self._get_output_dir(trial=trial)
-        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        if self.args.should_save:
-            unmark(folder)  # a rewrite of an existing folder is incomplete until its new marker is written
-        self.accelerator.wait_for_everyone()
-        limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotated below, after the marker
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
-        save_trainer_memory(self, folder)
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            num_processes = self.accelerator.num_processes
-            mark_complete(folder, self.state.global_step, num_processes, rank_files(folder, num_processes))
-            rotate_checkpoints(run_dir, limit, folder, self.state.best_model_checkpoint)
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None:
-            self._restore_logging.pending = load_trainer_memory(self, checkpoint)
-
-    def _get_train_sampler(self, dataset=None):
-        sampler = super()._get_train_sampler(dataset)
-        return EpochReplayRepeatSampler(sampler.data_source, sampler.mini_repeat_count, sampler.batch_size,
-                                        sampler.repeat_count, sampler.shuffle, sampler.seed)
 
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
