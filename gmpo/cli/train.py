@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import yaml
+from transformers.utils import logging as transformers_logging
 
 from gmpo.checkpoint import resolve_resume_checkpoint
 from gmpo.cli import UsageError
@@ -66,6 +67,8 @@ def run(argv, script_args, training_args, model_args, reward_funcs, checkpoint, 
 
     trainer, accuracy = build_trainer(script_args, training_args, model_args, reward_funcs, data)
     running["trainer"] = trainer
+    # Loaded and downloaded: from here on, no "Writing model shards" bar breaks the training bar at every checkpoint.
+    transformers_logging.disable_progress_bar()
 
     output_dir = Path(training_args.output_dir)
     is_main = trainer.accelerator.is_main_process
