@@ -57,12 +57,15 @@ def unmark(checkpoint_dir: str | os.PathLike) -> None:
 def mark_complete(checkpoint_dir: str | os.PathLike, global_step: int, world_size: int, required: list[str]) -> None:
     """Flush every file of the checkpoint to disk, then write the marker listing them (the last write).
 
-    `required` names files every complete checkpoint holds (each rank's part); one missing is a RuntimeError.
+    `required` names files every complete checkpoint holds (each rank's part): with one missing (ranks on machines
+    that do not share this directory) the checkpoint is left incomplete, with an error in the log.
     """
     checkpoint_dir = Path(checkpoint_dir)
     missing = [name for name in required if not (checkpoint_dir / name).is_file()]
     if missing:
-        raise RuntimeError(f"{checkpoint_dir} lacks {missing} after every process wrote its part; not marked complete")
+        logger.error(f"{checkpoint_dir} lacks {missing} after every process wrote its part: it is not marked complete "
+                     "and will not be resumed from (do all processes write to one shared output_dir?)")
+        return
     files = {}
     for path in sorted(p for p in checkpoint_dir.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER):
         with open(path, "rb") as f:

@@ -65,7 +65,9 @@ def save_trainer_memory(trainer, checkpoint_dir) -> None:
     """Write this rank's part of the in-memory state to `checkpoint_dir` (the safetensors file before the JSON)."""
     rank = trainer.accelerator.process_index
     tensors_path, json_path = _paths(checkpoint_dir, rank)
-    tensors = {"trainer/tr_loss": trainer._tr_loss.detach().to("cpu", copy=True).reshape(1)}
+    tr_loss = getattr(trainer, "_tr_loss", None)  # set by the training loop; absent outside it
+    tr_loss = torch.zeros(1) if tr_loss is None else tr_loss.detach().to("cpu", copy=True).reshape(1)
+    tensors = {"trainer/tr_loss": tr_loss}
     generate_every = trainer.args.steps_per_generation * trainer.num_iterations
     # At a rollout boundary the next step generates a new rollout: the old one is not needed.
     buffered = None if trainer._step % generate_every == 0 else trainer._buffered_inputs
@@ -84,7 +86,7 @@ def save_trainer_memory(trainer, checkpoint_dir) -> None:
         "step": trainer._step,
         "buffer": buffer,
         "metrics": {mode: dict(values) for mode, values in trainer._metrics.items()},
-        "globalstep_last_logged": trainer._globalstep_last_logged,
+        "globalstep_last_logged": getattr(trainer, "_globalstep_last_logged", trainer.state.global_step),
         "entropy_coef": trainer.entropy_coef,
         "last_world_entropy": trainer._last_world_entropy,
         "nonfinite_steps_skipped": getattr(trainer, "_nonfinite_guard", None) and trainer._nonfinite_guard.skipped,
