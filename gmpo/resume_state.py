@@ -106,13 +106,12 @@ def load_trainer_memory(trainer, checkpoint_dir) -> dict | None:
         return None
     memory = json.loads(json_path.read_text())
     tensors = load_file(str(tensors_path))
-    if memory["world_size"] != trainer.accelerator.num_processes:
-        raise ValueError(
-            f"{checkpoint_dir} was written by {memory['world_size']} processes, this run has "
-            f"{trainer.accelerator.num_processes}: each process resumes its own rollout buffer, so resume with the "
-            "same number of processes."
-        )
     buffer = _decode_buffer(memory["buffer"], tensors, trainer.accelerator.device)
+    if buffer is not None and memory["world_size"] != trainer.accelerator.num_processes:
+        logger.warning(f"{checkpoint_dir} was written by {memory['world_size']} processes, this run has "
+                       f"{trainer.accelerator.num_processes}: each process held its own part of the rollout, so the rest "
+                       "of it is regenerated (not the uninterrupted trajectory).")
+        buffer = None
     if buffer is not None and len(buffer) != trainer.args.steps_per_generation:
         logger.warning(f"{checkpoint_dir} holds a rollout of {len(buffer)} micro-batches but steps_per_generation is "
                        f"{trainer.args.steps_per_generation}: the rollout is regenerated.")
