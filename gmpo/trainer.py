@@ -11,6 +11,7 @@ from .config import GMPOConfig
 from .guards import NonFiniteGradientGuard, name_reward_errors
 from .metrics import MetricPack
 from .objective import gmpo_objective, masked_geometric_mean
+from .resumable import ExactResumeMixin
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +29,13 @@ _EXTREME_METRICS = {
 }
 
 
-class GMPOTrainer(GRPOTrainer):
+class GMPOTrainer(ExactResumeMixin, GRPOTrainer):
     """Trainer for Geometric-Mean Policy Optimization (GMPO, https://huggingface.co/papers/2507.20673).
 
     GMPO maximises mean_i A_i * w_i, where w_i is the geometric mean of row i's token importance ratios, each
     clipped one-sidedly in log space before the mean. Generation, rewards, advantages, vLLM, PEFT and distributed
     training are GRPOTrainer's; only the loss is replaced. The constructor is GRPOTrainer's; `args` must be a
-    [`GMPOConfig`] and defaults to `GMPOConfig("<model>-GMPO")`.
+    [`GMPOConfig`] and defaults to `GMPOConfig("<model>-GMPO")`. Checkpoints resume exactly ([`ExactResumeMixin`]).
     """
 
     _tag_names = ["trl", "gmpo"]

@@ -29,7 +29,8 @@ class CompactProgress(ProgressCallback):
 class HeldOutAccuracy(TrainerCallback):
     """Greedy exact-match accuracy on a held-out split: before training, every `every` optimizer steps (0: never),
     and after training. Each measurement is a ``{"step", "greedy_accuracy"}`` row of the log history, so
-    trainer_state.json keeps it; `history` holds the (step, accuracy) pairs."""
+    trainer_state.json and every checkpoint keep it; `history` holds the (step, accuracy) pairs. A resumed run takes
+    its accuracy before training from the step-0 row of the checkpoint's log history instead of measuring again."""
 
     def __init__(self, tokenizer, dataset, every: int):
         self.tokenizer, self.dataset, self.every = tokenizer, dataset, every
@@ -41,10 +42,20 @@ class HeldOutAccuracy(TrainerCallback):
         state.log_history.append({"step": state.global_step, "greedy_accuracy": accuracy})
         return accuracy
 
+    def restore(self, state) -> bool:
+        """Take the measurements the log history already holds (a resumed run); True when it held the step-0 one."""
+        self.history = [(row["step"], row["greedy_accuracy"]) for row in state.log_history if "greedy_accuracy" in row]
+        return bool(self.history) and self.history[0][0] == 0
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        accuracy = self._measure(state, model)
+        note = ""
+        if state.global_step > 0 and self.restore(state):
+            note = f", measured at step 0; resuming at step {state.global_step}"
+        else:
+            self._measure(state, model)
         if state.is_world_process_zero:
-            print(f"held-out greedy accuracy before training: {100 * accuracy:.1f}% ({len(self.dataset)} prompts)")
+            print(f"held-out greedy accuracy before training: {100 * self.history[0][1]:.1f}% "
+                  f"({len(self.dataset)} prompts{note})")
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.every and state.global_step % self.every == 0 and state.global_step < state.max_steps:
@@ -52,3 +63,11 @@ class HeldOutAccuracy(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._measure(state, model)
+
+    def before_and_after(self, state, model) -> tuple[float, float]:
+        """Accuracy before training and at `state.global_step`, measuring the latter if no callback did."""
+        if not self.history:
+            self.restore(state)
+        if not self.history or self.history[-1][0] != state.global_step:
+            self._measure(state, model)
+        return self.history[0][1], self.history[-1][1]

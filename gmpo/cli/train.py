@@ -1,7 +1,8 @@
 """`gmpo train`: check the input, build a GMPOTrainer as `trl grpo` builds a GRPOTrainer, train, save, report.
 
 The output directory holds a finished run only if `run_complete.json` is there: it is removed when a run starts and
-written last, after the model, tokenizer, trainer_state.json and plots.
+written last, after the model, tokenizer, trainer_state.json and plots. `--resume_from_checkpoint true|PATH` resumes
+from a complete checkpoint (a finished run is left as it is); SIGINT / SIGTERM stop with exit status 130 / 143.
 """
 
 import json
@@ -14,11 +15,14 @@ from pathlib import Path
 
 import psutil
 import yaml
+from transformers.utils import logging as transformers_logging
 
-from gmpo.cli import RunError
+from gmpo.checkpoint import resolve_resume_checkpoint
+from gmpo.cli import RunError, UsageError
 from gmpo.cli.args import describe_rollouts, parse_train_args, resolved_config, rollout_summary
 from gmpo.cli.callbacks import CompactProgress, HeldOutAccuracy
 from gmpo.cli.checks import check_arguments, check_chat_template, check_model, check_output_dir
+from gmpo.cli.resume import Stopped, close_progress_bars, resume_request, stop_message, stop_on_signals
 from gmpo.cli.rewards import check_reward_columns, resolve_rewards
 from gmpo.guards import RewardFunctionError
 
@@ -34,6 +38,31 @@ def train(argv: list[str]) -> None:
         print(yaml.safe_dump(resolved_config(script_args, training_args, model_args), sort_keys=False), end="")
         return
 
+    output_dir = Path(training_args.output_dir)
+    resume = resume_request(training_args.resume_from_checkpoint)
+    if resume and (output_dir / MARKER).is_file():
+        print(f"{output_dir} holds a finished run ({MARKER}): nothing to resume")
+        return
+    try:
+        checkpoint = resolve_resume_checkpoint(resume, str(output_dir))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    running = {}
+    with stop_on_signals():
+        try:
+            run(argv, script_args, training_args, model_args, reward_funcs, checkpoint, running)
+        except Stopped as stop:
+            trainer = running.get("trainer")
+            if trainer is not None:
+                close_progress_bars(trainer)
+            if int(os.environ.get("RANK", "0")) == 0:
+                step = trainer.state.global_step if trainer is not None else None
+                print(stop_message(argv, str(output_dir), stop.signum, step), file=sys.stderr)
+            raise SystemExit(128 + stop.signum) from None
+
+
+def run(argv, script_args, training_args, model_args, reward_funcs, checkpoint, running: dict) -> None:
+    """Load, train from `checkpoint` (None: step 0), save, report; `running["trainer"]` is the trainer once built."""
     data = load_data(script_args, training_args)
     source = script_args.dataset_name or f"built-in task {script_args.task!r}"
     check_reward_columns(script_args.reward_funcs, reward_funcs, data[0].column_names, source)
@@ -44,6 +73,9 @@ def train(argv: list[str]) -> None:
     output_dir = Path(training_args.output_dir)
     created_output_dir = not output_dir.exists()
     trainer, accuracy = build_trainer(script_args, training_args, model_args, reward_funcs, data)
+    running["trainer"] = trainer
+    # Loaded and downloaded: from here on, no "Writing model shards" bar breaks the training bar at every checkpoint.
+    transformers_logging.disable_progress_bar()
 
     is_main = trainer.accelerator.is_main_process
     if is_main:
@@ -51,9 +83,11 @@ def train(argv: list[str]) -> None:
         if not plots_available:
             print("matplotlib is not installed: no plots will be written (pip install matplotlib)", file=sys.stderr)
     trainer.accelerator.print(f"GMPO on {source}: {describe_rollouts(training_args)}")
+    if checkpoint is not None:
+        trainer.accelerator.print(f"resuming from {checkpoint}")
 
     try:
-        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.train(resume_from_checkpoint=checkpoint)
     except RewardFunctionError as err:
         close_progress_bars(trainer)
         kept = remove_unfinished_output(output_dir, created_output_dir) if is_main else ""
@@ -63,19 +97,10 @@ def train(argv: list[str]) -> None:
     if is_main:
         wall_time_s = time.time() - psutil.Process().create_time()  # since the process started, imports included
         summary = run_summary(argv, script_args, training_args, model_args, trainer, accuracy, wall_time_s)
+        summary["resumed_from"] = checkpoint
         report(summary, output_dir, plots_available)
     if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers and the process group, as `trl grpo` does
         trainer.end()
-
-
-def close_progress_bars(trainer) -> None:
-    """End the progress bar's line now, so that an error printed next is the last line, not followed by the bar."""
-    from transformers import ProgressCallback
-
-    for callback in trainer.callback_handler.callbacks:
-        if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
-            callback.training_bar.close()
-            callback.training_bar = None
 
 
 def remove_unfinished_output(output_dir: Path, created: bool) -> str:
@@ -161,12 +186,9 @@ def run_summary(argv, script_args, training_args, model_args, trainer, accuracy,
         "wall_time_s": round(wall_time_s, 1),
         "command": shlex.join(["gmpo", "train", *argv]),
     }
-    if accuracy is not None:
-        summary.update(
-            accuracy_before=accuracy.history[0][1],
-            accuracy_after=accuracy.history[-1][1],
-            accuracy_prompts=len(accuracy.dataset),
-        )
+    if accuracy is not None:  # before: measured at step 0 of the run, also when this process resumed it
+        before, after = accuracy.before_and_after(trainer.state, trainer.model)
+        summary.update(accuracy_before=before, accuracy_after=after, accuracy_prompts=len(accuracy.dataset))
     return summary
 
 

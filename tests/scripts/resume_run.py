@@ -21,9 +21,8 @@ from tests.conftest import count_ones_reward, tiny_config
 
 MAX_STEPS = 6
 STEPS_PER_GENERATION = 2
-# TRL keeps the rollout buffer in memory only: a run resumed between two generations regenerates (with the new RNG
-# state) instead of reusing the rest of the lost buffer, so it cannot match the uninterrupted run. Checkpoints are
-# therefore written at generation boundaries, every `steps_per_generation` optimizer steps (one micro-batch each).
+# Checkpoints at generation boundaries, every `steps_per_generation` optimizer steps (one micro-batch each); resuming
+# from checkpoints inside a rollout is tested in tests/test_exact_resume.py and tests/test_chaos.py.
 SAVE_STEPS = STEPS_PER_GENERATION
 KILL_AT = 4
 
