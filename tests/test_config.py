@@ -35,7 +35,7 @@ def test_epsilon_high_can_differ_and_infinity_disables_the_clip(tmp_path):
         ("delta", 0.9, "`delta`.*> 1"),
         ("delta", math.nan, "`delta`.*> 1"),
         ("loss_type", "dapo", "`loss_type` must be 'gmpo'.*got 'dapo'"),
-        ("importance_sampling_level", "row", r"`importance_sampling_level`.*\['token', 'sequence'\].*got 'row'"),
+        ("importance_sampling_level", "row", r"`importance_sampling_level`.*\['token', 'sequence', 'sequence_product'\].*got 'row'"),
         ("length_normalization", "yes", "`length_normalization` must be True or False"),
         ("skip_zero_advantage_rows", 1, "`skip_zero_advantage_rows` must be True or False"),
         ("nonfinite_grad_policy", "ignore", r"`nonfinite_grad_policy`.*\['skip', 'stop'\].*got 'ignore'"),
