@@ -67,18 +67,23 @@ def masked_geometric_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Ten
 def log_power_mean(log_x: torch.Tensor, valid: torch.Tensor, power: float) -> torch.Tensor:
     """log of ((1/n_i) sum_{t in valid_i} x_it^p)^(1/p) per row, from log x (B, T); p = 0 the geometric mean.
 
-    Log space throughout: p != 0 is (logsumexp_t(p log x_it) - log n_i) / p, finite for any row length and |p|.
-    log x_it = -inf (x_it = 0) is allowed for p > 0 (the token adds 0 to the sum). A row with no valid entry gives 0;
-    a row whose entries are all -inf gives -inf.
+    Log space throughout, centred on m_i = mean_t log x_it: log M_p = m_i + log(mean_t exp(p (log x_it - m_i))) / p,
+    the last term by log1p(mean(expm1(.))) when every |p (log x_it - m_i)| <= 1 (accurate for small |p|) and by
+    logsumexp otherwise (no overflow for any row length or |p|). log x_it = -inf (x_it = 0) is allowed for p > 0
+    (the token adds 0 to the sum). A row with no valid entry gives 0; a row whose entries are all -inf gives -inf.
     """
     count = valid.sum(-1)
     n = count.clamp(min=1).to(log_x.dtype)
     if power == 0:
         return torch.where(valid, log_x, 0.0).sum(-1) / n
-    scaled = torch.where(valid, power * log_x, -math.inf)
-    alive = (scaled > -math.inf).any(-1, keepdim=True)
-    lse = torch.logsumexp(torch.where(alive, scaled, 0.0), dim=-1)  # safe rows only: no all -inf softmax
-    log_mean = (lse - n.log()) / power
+    finite = valid & (log_x > -math.inf)
+    center = torch.where(finite, log_x, 0.0).sum(-1, keepdim=True) / finite.sum(-1, keepdim=True).clamp(min=1)
+    d = torch.where(valid, power * (log_x - center), -math.inf)
+    alive = (d > -math.inf).any(-1, keepdim=True)
+    near = torch.where(valid, d.abs(), 0.0).amax(-1) <= 1.0
+    small = torch.log1p(torch.where(valid, torch.expm1(d.clamp(-1.0, 1.0)), 0.0).sum(-1) / n) / power
+    large = (torch.logsumexp(torch.where(alive, d, 0.0), dim=-1) - n.log()) / power  # no all -inf softmax
+    log_mean = center.squeeze(-1) + torch.where(near, small, large)
     return torch.where(count == 0, 0.0, torch.where(alive.squeeze(-1), log_mean, -math.inf))
 
 
