@@ -68,10 +68,11 @@ def test_small_powers_approach_the_geometric_mean():
 
 @pytest.mark.parametrize("power", [-10.0, -1.0, 1.0, 10.0])
 def test_power_mean_is_stable_on_4000_token_rows(power):
-    # float32 inputs, log-ratios up to +-6 (|p c| up to 60: exp(60)^4000-term sums overflow float32 in ratio space).
+    # float32 inputs, log-ratios up to +-10: |p c| reaches 100, and exp(100) overflows float32 (max ~exp(88.7)), so
+    # a ratio-space power sum would give inf or 0 here; the log-space one must not.
     length = 4000
     g = torch.Generator().manual_seed(0)
-    log_ratio = (torch.rand(3, length, generator=g) * 12 - 6).requires_grad_()
+    log_ratio = (torch.rand(3, length, generator=g) * 20 - 10).requires_grad_()
     mask = torch.ones(3, length)
     advantages = torch.tensor([1.0, -1.0, 0.5])
     out = gmpo_objective(log_ratio, mask, advantages, 0.4, 0.4, mean_power=power)
@@ -149,6 +150,8 @@ def test_sequence_product_is_the_authors_seqclip_on_single_rows():
 @pytest.mark.parametrize("delta", [None, 1.2])
 def test_sequence_product_matches_product_form_on_batches(delta):
     log_ratio, mask, advantages = random_batch(9, scale=0.3)
+    log_ratio[5] = torch.where(mask[5] > 0, 0.1, torch.nan)  # row 5 (A < 0, 5 tokens): sum 0.5 > log(1.2) = 0.18,
+    assert advantages[5] < 0 and mask[5].sum() == 5  # so the dual clip acts on it
     kwargs = dict(clip_level="sequence_product", delta=delta)
     ours = loss_and_grad(lambda x: gmpo_objective(x, mask, advantages, 0.2, 0.25, **kwargs).loss, log_ratio)
     ref = loss_and_grad(lambda x: reference_loss(x, mask, advantages, 0.2, 0.25, **kwargs), log_ratio)
