@@ -34,12 +34,12 @@ VARIANT_LABELS = {
     "grpo-e0.4": "GRPO, ratio clip (e^-0.4, e^0.4)",
     "gmpo-e0.4": "GMPO, clip e^±0.4 (paper)",
     "gmpo-e0.2": "GMPO, clip e^±0.2",
-    "gmpo-seqclip": "GMPO, sequence-level clip e^±0.4 (paper: clip the sum)",
-    "gmpo-seqmean": "GMPO, mean log-ratio clip e^±0.4 (GSPO-style)",
+    "gmpo-seqclip": "GMPO, sequence clip of the sum e^±0.4 (paper)",
+    "gmpo-seqmean": "GMPO, sequence clip of the mean e^±0.4",
     "gmpo-noclip": "GMPO, no clip",
     "gmpo-nonorm": "GMPO, no 1/|o| exponent",
-    "pmpo-p1": "power mean p=1 (arithmetic), clip e^±0.4",
-    "pmpo-p-1": "power mean p=-1 (harmonic), clip e^±0.4",
+    "pmpo-p1": "mean_power=1 (arithmetic), clip e^±0.4",
+    "pmpo-p-1": "mean_power=-1 (harmonic), clip e^±0.4",
 }
 
 # Per task: reward, completion budget, optimizer steps and rows per step (full study and --quick), eval set size.
