@@ -1,4 +1,4 @@
-"""Stability study: GRPO vs GMPO and GMPO's ablations, off-policy, on the built-in tasks (issue 5).
+"""Stability study: GRPO vs GMPO and GMPO's ablations, off-policy, on the built-in tasks.
 
 For each task (addition: 2-3 answer tokens; reverse: 32-40), each variant (`runs.VARIANTS`) and each seed, train
 from the shipped policy and record per optimizer step the token log-ratio extremes and the step's lag, clip
