@@ -30,11 +30,19 @@ class GMPOConfig(GRPOConfig):
             Must be 'gmpo': the loss is -mean_i A_i * w_i over the rows, with the 1/|o_i| normalisation inside the
             geometric mean w_i. GRPO's token aggregations ('grpo', 'dapo', 'bnpo', 'dr_grpo', ...) do not apply.
         importance_sampling_level (`str`, *optional*, defaults to `"token"`):
-            Where the clip acts. 'token' clips each token's log-ratio before the geometric mean (the paper's method);
-            'sequence' clips the row's mean log-ratio instead (the paper's sequence-level clip ablation, Table 4).
+            Where the clip acts. 'token' clips each token's log-ratio before the mean (the paper's method). 'sequence'
+            clips the row's mean log-ratio (1/|o_i|) sum_t r_it, the length-normalised sequence ratio of GSPO and of
+            TRL's importance_sampling_level='sequence'. 'sequence_product' clips the row's summed log-ratio sum_t r_it,
+            the log of the whole-sequence ratio, and then divides it by |o_i|: the paper's sequence-level clip (Table 4;
+            the authors' gmpo_seqclip).
         length_normalization (`bool`, *optional*, defaults to `True`):
             Keep the 1/|o_i| exponent of the geometric mean. False is the paper's ablation that sums the clipped
             log-ratios instead (w_i becomes the plain product of the ratios and can overflow on long rows).
+        mean_power (`float`, *optional*, defaults to `0.0`):
+            Exponent p of the power mean of the clipped token ratios: w_i = ((1/|o_i|) sum_t c_it^p)^(1/p). 0 is the
+            geometric mean (GMPO), 1 the arithmetic mean (GRPO's loss_type='grpo' when the log-space bounds are set to
+            GRPO's linear ones), -1 the harmonic mean (the authors' hmpo). Any finite value; p != 0 needs
+            importance_sampling_level='token' and length_normalization=True.
         skip_zero_advantage_rows (`bool`, *optional*, defaults to `True`):
             Leave rows whose advantage is exactly 0 out of the policy forward and backward; the loss still divides
             by the full number of rows, so the gradient is unchanged. Applies only when nothing else needs those rows
@@ -79,9 +87,11 @@ class GMPOConfig(GRPOConfig):
     importance_sampling_level: str = field(
         default="token",
         metadata={
-            "help": "Where the clip acts. 'token' clips each token's log-ratio before the geometric mean (the "
-            "paper's method); 'sequence' clips the row's mean log-ratio instead (the paper's sequence-level clip "
-            "ablation, Table 4)."
+            "help": "Where the clip acts. 'token' clips each token's log-ratio before the mean (the paper's method). "
+            "'sequence' clips the row's mean log-ratio (1/|o_i|) sum_t r_it, the length-normalised sequence ratio of "
+            "GSPO and of TRL's importance_sampling_level='sequence'. 'sequence_product' clips the row's summed "
+            "log-ratio sum_t r_it, the log of the whole-sequence ratio, and then divides it by |o_i|: the paper's "
+            "sequence-level clip (Table 4; the authors' gmpo_seqclip)."
         },
     )
     length_normalization: bool = field(
@@ -89,6 +99,16 @@ class GMPOConfig(GRPOConfig):
         metadata={
             "help": "Keep the 1/|o_i| exponent of the geometric mean. False is the paper's ablation that sums the "
             "clipped log-ratios instead (w_i becomes the plain product of the ratios and can overflow on long rows)."
+        },
+    )
+
+    mean_power: float = field(
+        default=0.0,
+        metadata={
+            "help": "Exponent p of the power mean of the clipped token ratios: w_i = ((1/|o_i|) sum_t c_it^p)^(1/p). "
+            "0 is the geometric mean (GMPO), 1 the arithmetic mean (GRPO's loss_type='grpo' when the log-space bounds "
+            "are set to GRPO's linear ones), -1 the harmonic mean (the authors' hmpo). Any finite value; p != 0 needs "
+            "importance_sampling_level='token' and length_normalization=True."
         },
     )
 
@@ -137,6 +157,20 @@ class GMPOConfig(GRPOConfig):
                 f"`importance_sampling_level` selects where GMPO's clip acts and must be one of {list(CLIP_LEVELS)}, "
                 f"got {self.importance_sampling_level!r}."
             )
+        if isinstance(self.mean_power, bool) or not isinstance(self.mean_power, int | float) or not math.isfinite(
+            self.mean_power
+        ):
+            raise ValueError(
+                f"`mean_power` is the exponent p of the power mean of the clipped token ratios and must be a finite "
+                f"number (0 = geometric mean, 1 = arithmetic, -1 = harmonic), got {self.mean_power!r}."
+            )
+        self.mean_power = float(self.mean_power)
+        if self.mean_power != 0 and self.importance_sampling_level != "token":
+            raise ValueError(
+                f"`mean_power`={self.mean_power!r} needs `importance_sampling_level`='token', got "
+                f"{self.importance_sampling_level!r}: a sequence-level clip acts on one number per row, so there is no "
+                "mean over tokens to take. Use mean_power=0.0 with a sequence level."
+            )
         if self.nonfinite_grad_policy not in NONFINITE_GRAD_POLICIES:
             raise ValueError(
                 f"`nonfinite_grad_policy` must be one of {list(NONFINITE_GRAD_POLICIES)}, "
@@ -145,6 +179,11 @@ class GMPOConfig(GRPOConfig):
         for name in ("length_normalization", "skip_zero_advantage_rows"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
+        if self.mean_power != 0 and not self.length_normalization:
+            raise ValueError(
+                f"`mean_power`={self.mean_power!r} needs `length_normalization`=True, got False: the power mean is "
+                "defined with its 1/|o_i|. Use mean_power=0.0 for the ablation without the exponent."
+            )
 
     @property
     def clip_can_act(self) -> bool:

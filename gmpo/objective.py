@@ -1,14 +1,19 @@
-"""The GMPO objective (Zhao et al., arXiv 2507.20673, Eq. 4) as a pure function of tensors.
+"""The GMPO objective (Zhao et al., arXiv 2507.20673, Eq. 4) and its power-mean family, as pure functions of tensors.
 
 Notation:
-    B: rows (completions) in the micro-batch;  T: completion length (padded)
+    B: rows (completions) in the micro-batch;  T: completion length (padded);  S_i: row i's valid tokens, |o_i| = |S_i|
     r_it = log pi_theta(o_it) - log pi_old(o_it)          log space
     c_it = min(r_it, eps_high) if A_i > 0 else max(r_it, -eps_low)
            (the one-sided PPO clip of the ratio to (exp(-eps_low), exp(eps_high)), written in log space)
-    w_i  = exp( (1/|o_i|) sum_t c_it )                     geometric mean of the clipped token ratios
+    w_i  = exp( (1/|o_i|) sum_t c_it )                     p = 0: geometric mean of the clipped token ratios (GMPO)
+    w_i  = ( (1/|o_i|) sum_t exp(c_it)^p )^(1/p)           p != 0: power mean (p = 1 GRPO's arithmetic mean,
+                                                           p = -1 the authors' harmonic mean, `hmpo`)
     loss = -(1/B) sum_i  v_i * A_i * w_i                   v_i: optional per-row weight (IS correction, masks)
 
-Nothing here imports TRL; the trainer gathers the inputs and logs the statistics.
+Clip levels: "token" clips each r_it (the paper's method); "sequence" clips the mean (1/|o_i|) sum_t r_it (GSPO's
+length-normalised sequence ratio, TRL's importance_sampling_level="sequence"); "sequence_product" clips the sum
+sum_t r_it = log pi_theta(o_i)/pi_old(o_i) and then divides by |o_i| (the paper's Table 4 sequence-level clip, the
+authors' `gmpo_seqclip`). Nothing here imports TRL; the trainer gathers the inputs and logs the statistics.
 """
 
 import math
@@ -16,19 +21,20 @@ from typing import NamedTuple
 
 import torch
 
-CLIP_LEVELS = ("token", "sequence")
+CLIP_LEVELS = ("token", "sequence", "sequence_product")
 
 
 class GMPOStats(NamedTuple):
     """Detached local statistics of one call; counts are sums so that they reduce across processes by addition.
 
-    "Clip units" are tokens for the token-level clip and rows for the sequence-level clip.
+    "Clip units" are tokens for the token-level clip and rows for both sequence-level clips (the unit's log-ratio is
+    r_it, the row's mean log-ratio, or the row's summed log-ratio).
     """
 
     log_ratio_max: torch.Tensor  # max r_it over valid tokens; -inf when there is none
     log_ratio_min: torch.Tensor  # min r_it over valid tokens; +inf when there is none
-    low_clipped: torch.Tensor  # clip units with A < 0 and r < -eps_low
-    high_clipped: torch.Tensor  # clip units with A > 0 and r > eps_high
+    low_clipped: torch.Tensor  # clip units with A < 0 and unit log-ratio < -eps_low
+    high_clipped: torch.Tensor  # clip units with A > 0 and unit log-ratio > eps_high
     clip_units: torch.Tensor  # clip units that were checked
     seq_weight_sum: torch.Tensor  # sum of w_i over rows with at least one valid token
     seq_weight_max: torch.Tensor  # -inf when no row has a valid token
@@ -58,6 +64,29 @@ def masked_geometric_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     return torch.exp(log_values.sum(-1) / valid.sum(-1).clamp(min=1))
 
 
+def log_power_mean(log_x: torch.Tensor, valid: torch.Tensor, power: float) -> torch.Tensor:
+    """log of ((1/n_i) sum_{t in valid_i} x_it^p)^(1/p) per row, from log x (B, T); p = 0 the geometric mean.
+
+    Log space throughout, centred on m_i = mean_t log x_it: log M_p = m_i + log(mean_t exp(p (log x_it - m_i))) / p,
+    the last term by log1p(mean(expm1(.))) when every |p (log x_it - m_i)| <= 1 (accurate for small |p|) and by
+    logsumexp otherwise (no overflow for any row length or |p|). log x_it = -inf (x_it = 0) is allowed for p > 0
+    (the token adds 0 to the sum). A row with no valid entry gives 0; a row whose entries are all -inf gives -inf.
+    """
+    count = valid.sum(-1)
+    n = count.clamp(min=1).to(log_x.dtype)
+    if power == 0:
+        return torch.where(valid, log_x, 0.0).sum(-1) / n
+    finite = valid & (log_x > -math.inf)
+    center = torch.where(finite, log_x, 0.0).sum(-1, keepdim=True) / finite.sum(-1, keepdim=True).clamp(min=1)
+    d = torch.where(valid, power * (log_x - center), -math.inf)
+    alive = (d > -math.inf).any(-1, keepdim=True)
+    near = torch.where(valid, d.abs(), 0.0).amax(-1) <= 1.0
+    small = torch.log1p(torch.where(valid, torch.expm1(d.clamp(-1.0, 1.0)), 0.0).sum(-1) / n) / power
+    large = (torch.logsumexp(torch.where(alive, d, 0.0), dim=-1) - n.log()) / power  # no all -inf softmax
+    log_mean = center.squeeze(-1) + torch.where(near, small, large)
+    return torch.where(count == 0, 0.0, torch.where(alive.squeeze(-1), log_mean, -math.inf))
+
+
 def gmpo_objective(
     log_ratio: torch.Tensor,
     mask: torch.Tensor,
@@ -68,6 +97,8 @@ def gmpo_objective(
     delta: float | None = None,
     clip_level: str = "token",
     length_normalization: bool = True,
+    mean_power: float = 0.0,
+    token_weight: torch.Tensor | None = None,
     row_weight: torch.Tensor | None = None,
     num_rows: int | None = None,
 ) -> GMPOOutput:
@@ -75,18 +106,24 @@ def gmpo_objective(
 
     Args:
         log_ratio: (B, T) r_it = log pi_theta - log pi_old. Entries outside `mask` are ignored (may be NaN).
-        mask: (B, T) 1 for tokens that enter the geometric mean (completion, tool and entropy masks), else 0.
+        mask: (B, T) 1 for tokens that enter the mean (completion, tool and entropy masks), else 0.
             |o_i| = sum_t mask_it.
         advantages: (B,) A_i, one scalar per row.
         eps_low, eps_high: clip bounds in log space, >= 0 (inf disables that side); the ratio is kept in
             (exp(-eps_low), exp(eps_high)), paper default 0.4 for both.
-        delta: dual clip, in ratio space (> 1): after the sign-aware clip every log-ratio is capped at log(delta),
-            which bounds w_i for negative advantages too. None disables it.
-        clip_level: "token" (Eq. 4, the paper's method) or "sequence" (Table 4 ablation: clip the row's mean
-            log-ratio (1/|o_i|) sum_t r_it instead of each r_it).
-        length_normalization: False gives the Table 4 ablation without the 1/|o_i| exponent
-            (w_i = prod_t of the clipped ratios; it can overflow on long rows, which is what the ablation shows).
-        row_weight: (B,) detached multiplier v_i of row i's term (importance-sampling correction, off-policy mask).
+        delta: dual clip, in ratio space (> 1): after the sign-aware clip every clipped unit's log-ratio (token, mean
+            or sum) is capped at log(delta), which bounds w_i for negative advantages too. None disables it.
+        clip_level: "token" (Eq. 4, the paper's method), "sequence" (clip the row's mean log-ratio
+            (1/|o_i|) sum_t r_it, GSPO-style) or "sequence_product" (clip the row's sum sum_t r_it, then divide by
+            |o_i|: w_i = exp(clip(sum_t r_it) / |o_i|), the paper's Table 4 sequence-level clip).
+        length_normalization: False drops the 1/|o_i| exponent (Table 4 ablation: w_i = prod_t of the clipped
+            ratios; it can overflow on long rows, which is what the ablation shows). Needs mean_power == 0.
+        mean_power: p of the power mean over the clipped token ratios; 0 is the geometric mean. p != 0 needs the
+            token clip level and length normalisation.
+        token_weight: (B, T) detached per-token factors >= 0 (vLLM token IS weights), multiplied into each token's
+            clipped ratio inside the mean: w_i = M_p(exp(c_it) * u_it). A factor 0 stays in the mean as a 0 when
+            p > 0 (it counts in |o_i|); when p <= 0, and for the sequence levels, that token leaves S_i instead.
+        row_weight: (B,) detached multiplier v_i of row i's term (sequence IS correction, off-policy mask).
         num_rows: N, the number of rows the loss is averaged over; defaults to B. Larger than B when rows that
             cannot contribute (A_i = 0) were left out of the batch.
 
@@ -96,26 +133,48 @@ def gmpo_objective(
     """
     if clip_level not in CLIP_LEVELS:
         raise ValueError(f"clip_level must be one of {CLIP_LEVELS}, got {clip_level!r}")
+    if mean_power != 0 and (clip_level != "token" or not length_normalization):
+        raise ValueError(
+            f"mean_power={mean_power!r} needs clip_level='token' and length_normalization=True, got "
+            f"clip_level={clip_level!r}, length_normalization={length_normalization!r}"
+        )
     dtype = torch.promote_types(log_ratio.dtype, torch.float32)
     valid = mask > 0
+    if token_weight is not None:
+        token_weight = token_weight.detach().to(dtype)
+        if mean_power <= 0 or clip_level != "token":
+            valid = valid & (token_weight > 0)  # a zero factor would zero the whole mean: the token leaves S_i
+        log_token_weight = torch.where(token_weight > 0, token_weight, 1.0).log()
+        log_token_weight = torch.where(token_weight > 0, log_token_weight, -math.inf)
     log_ratio = torch.where(valid, log_ratio.to(dtype), 0.0)
     advantages = advantages.to(dtype)
     token_count = valid.sum(-1)  # (B,)
     has_tokens = token_count > 0
     length = token_count.clamp(min=1).to(dtype) if length_normalization else 1.0
+    log_cap = math.log(delta) if delta is not None else math.inf
 
     if clip_level == "token":
-        clipped = sign_aware_clip(log_ratio, advantages.unsqueeze(-1), eps_low, eps_high)
-        if delta is not None:
-            clipped = clipped.clamp(max=math.log(delta))
-        log_seq_weight = torch.where(valid, clipped, 0.0).sum(-1) / length
+        clipped = sign_aware_clip(log_ratio, advantages.unsqueeze(-1), eps_low, eps_high).clamp(max=log_cap)
+        if not length_normalization:
+            log_seq_weight = torch.where(valid, clipped, 0.0).sum(-1)
+            if token_weight is not None:  # the IS factors keep their geometric mean
+                log_seq_weight = log_seq_weight + log_power_mean(log_token_weight, valid, 0.0)
+        else:
+            if token_weight is not None:
+                clipped = clipped + log_token_weight
+            log_seq_weight = log_power_mean(clipped, valid, mean_power)
         unit_log_ratio, unit_valid, unit_adv = log_ratio, valid, advantages.unsqueeze(-1)
     else:
-        seq_log_ratio = log_ratio.sum(-1) / length
-        log_seq_weight = sign_aware_clip(seq_log_ratio, advantages, eps_low, eps_high)
-        if delta is not None:
-            log_seq_weight = log_seq_weight.clamp(max=math.log(delta))
-        unit_log_ratio, unit_valid, unit_adv = seq_log_ratio, has_tokens, advantages
+        summed = log_ratio.sum(-1)
+        if clip_level == "sequence":  # clip the mean log-ratio: the geometric mean is kept in the clip range
+            unit_log_ratio = summed / length
+            log_seq_weight = sign_aware_clip(unit_log_ratio, advantages, eps_low, eps_high).clamp(max=log_cap)
+        else:  # clip the log of the whole-sequence ratio, then take the 1/|o_i| power
+            unit_log_ratio = summed
+            log_seq_weight = sign_aware_clip(summed, advantages, eps_low, eps_high).clamp(max=log_cap) / length
+        if token_weight is not None:
+            log_seq_weight = log_seq_weight + log_power_mean(log_token_weight, valid, 0.0)
+        unit_valid, unit_adv = has_tokens, advantages
 
     seq_weight = torch.exp(torch.where(has_tokens, log_seq_weight, 0.0))
     row_term = advantages * seq_weight

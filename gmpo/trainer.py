@@ -10,7 +10,7 @@ from trl.trainer.utils import get_config_model_id
 from .config import GMPOConfig
 from .guards import NonFiniteGradientGuard, name_reward_errors
 from .metrics import MetricPack
-from .objective import gmpo_objective, masked_geometric_mean
+from .objective import gmpo_objective
 from .resumable import ExactResumeMixin
 
 logger = logging.getLogger(__name__)
@@ -143,19 +143,19 @@ class GMPOTrainer(ExactResumeMixin, GRPOTrainer):
         policy_mask = mask
         if self.top_entropy_quantile < 1.0:
             policy_mask = mask * self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
-        loss_mask, row_weight = self._row_weights(
-            inputs, per_token_logps, old_per_token_logps, advantages, mask, policy_mask
-        )
+        row_weight, token_weight = self._row_weights(inputs, per_token_logps, old_per_token_logps, advantages, mask)
 
         out = gmpo_objective(
             log_ratio,
-            loss_mask,
+            policy_mask,
             advantages,
             self.epsilon_low,
             self.epsilon_high,
             delta=self.args.delta,
             clip_level=self.args.importance_sampling_level,
             length_normalization=self.args.length_normalization,
+            mean_power=self.args.mean_power,
+            token_weight=token_weight,
             row_weight=row_weight,
             num_rows=num_rows,
         )
@@ -219,12 +219,13 @@ class GMPOTrainer(ExactResumeMixin, GRPOTrainer):
             for key, value in inputs.items()
         }
 
-    def _row_weights(self, inputs, per_token_logps, old_per_token_logps, advantages, mask, loss_mask):
-        """Per-row multipliers from the off-policy mask and vLLM's importance-sampling correction.
+    def _row_weights(self, inputs, per_token_logps, old_per_token_logps, advantages, mask):
+        """Multipliers from the off-policy mask and vLLM's importance-sampling correction.
 
-        Returns the loss mask (token_mask mode removes the tokens it zeroed) and the (B,) row weight, or None.
+        Returns the (B,) row weight (off-policy mask, sequence IS modes) and the (B, T) token weight (token IS modes,
+        factors inside the mean; a token that token_mask zeroed is handled by `gmpo_objective`), each or None.
         """
-        row_weight = None
+        row_weight = token_weight = None
         if self.off_policy_mask_threshold is not None:
             keep = self.get_off_policy_mask(
                 advantages=advantages.unsqueeze(1),
@@ -238,12 +239,10 @@ class GMPOTrainer(ExactResumeMixin, GRPOTrainer):
             is_ratio = inputs["importance_sampling_ratio"].detach()
             if self.vllm_importance_sampling_mode.startswith("sequence"):
                 is_weight = is_ratio.reshape(-1)
+                row_weight = is_weight if row_weight is None else row_weight * is_weight
             else:
-                if self.vllm_importance_sampling_mode == "token_mask":
-                    loss_mask = loss_mask * (is_ratio > 0)
-                is_weight = masked_geometric_mean(is_ratio, loss_mask)
-            row_weight = is_weight if row_weight is None else row_weight * is_weight
-        return loss_mask, row_weight
+                token_weight = is_ratio
+        return row_weight, token_weight
 
     def _per_token_kl(self, ref_per_token_logps, per_token_logps, log_ratio, mask):
         """k3 estimator exp(d) - d - 1 with d = log pi_ref - log pi_theta, times the token ratio when

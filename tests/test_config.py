@@ -11,7 +11,7 @@ from gmpo import GMPOConfig
 from .conftest import tiny_config
 
 GMPO_FIELDS = ["epsilon", "epsilon_high", "delta", "loss_type", "importance_sampling_level", "length_normalization",
-               "skip_zero_advantage_rows", "nonfinite_grad_policy"]
+               "mean_power", "skip_zero_advantage_rows", "nonfinite_grad_policy"]
 
 
 def test_defaults_follow_the_paper(tmp_path):
@@ -19,6 +19,7 @@ def test_defaults_follow_the_paper(tmp_path):
     assert config.epsilon == 0.4 and config.epsilon_high == 0.4  # log space: ratios in (e^-0.4, e^0.4)
     assert config.loss_type == "gmpo" and config.importance_sampling_level == "token"
     assert config.length_normalization is True and config.delta is None
+    assert config.mean_power == 0.0  # the geometric mean
 
 
 def test_epsilon_high_can_differ_and_infinity_disables_the_clip(tmp_path):
@@ -35,8 +36,11 @@ def test_epsilon_high_can_differ_and_infinity_disables_the_clip(tmp_path):
         ("delta", 0.9, "`delta`.*> 1"),
         ("delta", math.nan, "`delta`.*> 1"),
         ("loss_type", "dapo", "`loss_type` must be 'gmpo'.*got 'dapo'"),
-        ("importance_sampling_level", "row", r"`importance_sampling_level`.*\['token', 'sequence'\].*got 'row'"),
+        ("importance_sampling_level", "row", r"`importance_sampling_level`.*\['token', 'sequence', 'sequence_product'\].*got 'row'"),
         ("length_normalization", "yes", "`length_normalization` must be True or False"),
+        ("mean_power", math.nan, "`mean_power`.*finite number.*got nan"),
+        ("mean_power", math.inf, "`mean_power`.*finite number.*got inf"),
+        ("mean_power", "1", "`mean_power`.*finite number.*got '1'"),
         ("skip_zero_advantage_rows", 1, "`skip_zero_advantage_rows` must be True or False"),
         ("nonfinite_grad_policy", "ignore", r"`nonfinite_grad_policy`.*\['skip', 'stop'\].*got 'ignore'"),
     ],
@@ -44,6 +48,26 @@ def test_epsilon_high_can_differ_and_infinity_disables_the_clip(tmp_path):
 def test_invalid_values_name_the_field_and_the_valid_values(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(tmp_path, **{field: value})
+
+
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        (dict(importance_sampling_level="sequence"), "`mean_power`=1.0 needs `importance_sampling_level`='token'"),
+        (dict(importance_sampling_level="sequence_product"), "`mean_power`=1.0 needs `importance_sampling_level`"),
+        (dict(length_normalization=False), "`mean_power`=1.0 needs `length_normalization`=True"),
+    ],
+)
+def test_mean_power_without_a_token_mean_is_rejected(tmp_path, other, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(tmp_path, mean_power=1.0, **other)
+    tiny_config(tmp_path, mean_power=0.0, **other)  # the geometric mean combines with both
+
+
+def test_sequence_levels_and_powers_are_accepted(tmp_path):
+    assert tiny_config(tmp_path, importance_sampling_level="sequence_product").importance_sampling_level == (
+        "sequence_product")
+    assert tiny_config(tmp_path, mean_power=-1).mean_power == -1.0
 
 
 def test_clip_can_act(tmp_path):

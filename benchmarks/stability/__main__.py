@@ -6,7 +6,7 @@ fractions, entropy, gradient norm and KL to the initial policy; then evaluate he
 a subprocess writing `OUT/<task>__<variant>__seed<s>.json` when it finishes; a rerun skips the files that exist, so
 an interrupted study resumes where it stopped. Then `python -m benchmarks.stability.report` builds docs/results.md.
 
-    python -m benchmarks.stability                      # full study: 2 tasks x 7 variants x 3 seeds
+    python -m benchmarks.stability                      # full study: 2 tasks x 10 variants x 3 seeds
     python -m benchmarks.stability --quick              # 8 steps, 1 seed, separate output dir: a smoke test
     python -m benchmarks.stability --tasks reverse --seeds 0 1 2 3 4
 """

@@ -97,6 +97,12 @@ def load(runs_dir: Path) -> tuple[dict, dict, dict]:
     return runs, initial, meta
 
 
+def seed_counts(runs: dict, task: str, variants: list[str]) -> str:
+    """'3 seeds', or the range when a study stopped early left variants with different numbers of seeds."""
+    counts = sorted({len(runs[(task, v)]) for v in variants})
+    return f"{counts[0]} seeds" if len(counts) == 1 else f"{counts[0]}-{counts[-1]} seeds (column 'seeds')"
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -110,10 +116,10 @@ def task_tables(task: str, runs: dict, initial: dict) -> str:
     parts = [f"### `{task}`: {first['steps']} optimizer steps, {spec['batch']} rows per step "
              f"({spec['batch'] // first['num_generations']} prompts x {first['num_generations']}), "
              f"max_completion_length {spec['max_completion_length']}, reward `{spec['reward']}`, "
-             f"{len(runs[(task, variants[0])])} seeds"]
+             f"{seed_counts(runs, task, variants)}"]
     parts.append("**Token log-ratio r = log pi_theta - log pi_old** (off-policy steps, lag 1-3; mean over steps, "
                  "then mean ± SE over seeds). Clip fraction: GRPO's ratio-space token fraction for GRPO, GMPO's "
-                 "log-space fraction (tokens; rows for the sequence-level clip) for GMPO.")
+                 "log-space fraction (tokens; rows for both sequence-level clips) for GMPO.")
     parts.append(table(
         ["variant", "max r", "min r", "spread, first 1/4", "spread, last 1/4", "most extreme r (max / min)",
          "clipped fraction"],
@@ -137,8 +143,8 @@ def task_tables(task: str, runs: dict, initial: dict) -> str:
     parts.append(f"**Held-out greedy accuracy** after training ({spec['eval_size']} test prompts; mean ± SE over "
                  f"seeds). Before training: exact match {init.get('exact_match', math.nan):.3f}, "
                  f"char accuracy {init.get('char_accuracy', math.nan):.3f}.")
-    parts.append(table(["variant", "exact match", "char accuracy", "train time per run [s]"],
-                       [[VARIANT_LABELS[v], col(v, "exact_match"), col(v, "char_accuracy"),
+    parts.append(table(["variant", "exact match", "char accuracy", "seeds", "train time per run [s]"],
+                       [[VARIANT_LABELS[v], col(v, "exact_match"), col(v, "char_accuracy"), str(len(summ[v])),
                          f"{statistics.fmean(s['train_s'] for s in summ[v]):.0f}"] for v in variants]))
     return "\n\n".join(parts), summ
 
@@ -150,7 +156,8 @@ def plot_task(task: str, runs: dict, initial: dict, out_dir: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     variants = [v for v in VARIANTS if (task, v) in runs]
-    fig, axes = plt.subplots(2, 4, figsize=(12, 5.2), sharex=True, sharey=True)
+    nrows = math.ceil(len(variants) / 4)
+    fig, axes = plt.subplots(nrows, 4, figsize=(12, 2.6 * nrows), sharex=True, sharey=True, squeeze=False)
     for ax, v in zip(axes.flat, variants):
         group = runs[(task, v)]
         per_seed = [cycle_extremes(run) for run in group]
@@ -165,9 +172,10 @@ def plot_task(task: str, runs: dict, initial: dict, out_dir: Path) -> list[str]:
                 lw=1.3, label="min r (seed mean)")
         for bound in (-0.4, 0.4):
             ax.axhline(bound, color="grey", ls="--", lw=0.7)
-        ax.set_title(VARIANT_LABELS[v], fontsize=9)
+        ax.set_title(VARIANT_LABELS[v], fontsize=8)
         ax.grid(alpha=0.3)
-    axes.flat[-1].axis("off")
+    for ax in list(axes.flat)[len(variants):]:
+        ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="lower left")
     fig.suptitle(f"{task}: extreme token log-ratio of each rollout's off-policy steps (lag 1-3; thin: seeds; "
                  "dashed: ±0.4)", fontsize=10)

@@ -22,18 +22,24 @@ VARIANTS = {
     "grpo-e0.4": ("grpo", {"epsilon": 1 - 1 / E04, "epsilon_high": E04 - 1}),
     "gmpo-e0.4": ("gmpo", {"epsilon": 0.4}),
     "gmpo-e0.2": ("gmpo", {"epsilon": 0.2}),
-    "gmpo-seqclip": ("gmpo", {"epsilon": 0.4, "importance_sampling_level": "sequence"}),
+    "gmpo-seqclip": ("gmpo", {"epsilon": 0.4, "importance_sampling_level": "sequence_product"}),
+    "gmpo-seqmean": ("gmpo", {"epsilon": 0.4, "importance_sampling_level": "sequence"}),
     "gmpo-noclip": ("gmpo", {"epsilon": float("inf")}),
     "gmpo-nonorm": ("gmpo", {"epsilon": 0.4, "length_normalization": False}),
+    "pmpo-p1": ("gmpo", {"epsilon": 0.4, "mean_power": 1.0}),
+    "pmpo-p-1": ("gmpo", {"epsilon": 0.4, "mean_power": -1.0}),
 }
 VARIANT_LABELS = {
     "grpo-0.2": "GRPO, ratio clip 1±0.2",
     "grpo-e0.4": "GRPO, ratio clip (e^-0.4, e^0.4)",
     "gmpo-e0.4": "GMPO, clip e^±0.4 (paper)",
     "gmpo-e0.2": "GMPO, clip e^±0.2",
-    "gmpo-seqclip": "GMPO, sequence-level clip e^±0.4",
+    "gmpo-seqclip": "GMPO, sequence clip of the sum e^±0.4 (paper)",
+    "gmpo-seqmean": "GMPO, sequence clip of the mean e^±0.4",
     "gmpo-noclip": "GMPO, no clip",
     "gmpo-nonorm": "GMPO, no 1/|o| exponent",
+    "pmpo-p1": "mean_power=1 (arithmetic), clip e^±0.4",
+    "pmpo-p-1": "mean_power=-1 (harmonic), clip e^±0.4",
 }
 
 # Per task: reward, completion budget, optimizer steps and rows per step (full study and --quick), eval set size.
