@@ -24,8 +24,9 @@ class GMPOConfig(GRPOConfig):
             Upper clip bound in log space: each token's importance ratio is kept below exp(epsilon_high) for positive
             advantages. Must be >= 0; `inf` disables it. Defaults to `epsilon`.
         delta (`float`, *optional*):
-            Dual clip, in ratio space (> 1): after the sign-aware clip every token's log-ratio is capped at
-            log(delta), which bounds the geometric-mean weight of negative-advantage rows too. `None` disables it.
+            Dual clip, in ratio space (> 1): after the sign-aware clip every clipped log-ratio (a token's, or with a
+            sequence level the row's mean or sum) is capped at log(delta), which bounds the weight of
+            negative-advantage rows too. `None` disables it.
         loss_type (`str`, *optional*, defaults to `"gmpo"`):
             Must be 'gmpo': the loss is -mean_i A_i * w_i over the rows, with the 1/|o_i| normalisation inside the
             geometric mean w_i. GRPO's token aggregations ('grpo', 'dapo', 'bnpo', 'dr_grpo', ...) do not apply.
@@ -71,9 +72,9 @@ class GMPOConfig(GRPOConfig):
     delta: float | None = field(
         default=None,
         metadata={
-            "help": "Dual clip, in ratio space (> 1): after the sign-aware clip every token's log-ratio is capped "
-            "at log(delta), which bounds the geometric-mean weight of negative-advantage rows too. `None` disables "
-            "it."
+            "help": "Dual clip, in ratio space (> 1): after the sign-aware clip every clipped log-ratio (a token's, "
+            "or with a sequence level the row's mean or sum) is capped at log(delta), which bounds the weight of "
+            "negative-advantage rows too. `None` disables it."
         },
     )
     loss_type: str = field(
