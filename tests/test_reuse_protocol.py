@@ -79,3 +79,13 @@ def test_grid_runs_on_policy_once_per_trainer_and_is_seed_major():
     assert sorted(r for r in runs if r[0].endswith("-bf16")) == sorted(
         (o, u, lr, s) for o, u, lr, ss in p.MISMATCH for s in ss)
     assert [s for *_, s in runs] == sorted(s for *_, s in runs)
+
+
+def test_advice_rules():
+    finals = {1: [0.58, 0.59, 0.60], 2: [0.60, 0.62, 0.64], 8: [0.62, 0.63, 0.64], 32: [0.60, 0.61, 0.62]}
+    # best mean U = 8 (0.63, SE 0.0058); U = 2: 0.62, SE 0.0115, bound 2 * 0.0129 = 0.026 > gap 0.01: near best;
+    # U = 1: 0.59, bound 0.016 < gap 0.04: below
+    assert p.smallest_near_best(finals) == 2
+    kind = {"g1": "grpo", "g2": "grpo", "m1": "gmpo"}
+    assert p.clip_winners({"g1": [0.60, 0.61, 0.62], "g2": [0.59, 0.60, 0.61], "m1": [0.66, 0.67, 0.68]}, kind) == ["m1"]
+    assert p.clip_winners({"g1": [0.60, 0.61, 0.62], "g2": [0.64, 0.66, 0.68], "m1": [0.66, 0.67, 0.68]}, kind) == []

@@ -95,6 +95,7 @@ LEARNING_RATES = (1e-5, 1e-4)
 SEEDS = {1e-5: (0, 1, 2, 3, 4), 1e-4: (0, 1, 2)}
 UPDATES_AT = {1e-5: UPDATES, 1e-4: (1, 2, 8, 32)}
 OBJECTIVES = ("grpo-0.2", "grpo-e0.4", "gmpo-e0.4", "gmpo-e0.2")
+OBJECTIVES_TRAINER = {o: o.split("-")[0] for o in OBJECTIVES}
 # At U = 1 every ratio is exactly 1 (TRL skips the old log-probs), so the clip cannot act and the two objectives
 # of one trainer give the same update: their U = 1 condition is run once, under the name on the right.
 ON_POLICY_TWIN = {"grpo-0.2": "grpo-0.2", "grpo-e0.4": "grpo-0.2", "gmpo-e0.4": "gmpo-e0.4", "gmpo-e0.2": "gmpo-e0.4"}
@@ -117,3 +118,16 @@ def grid(objectives=OBJECTIVES, updates=UPDATES_AT, seeds=SEEDS, mismatch=MISMAT
                  if u > 1 or baseline(o) == o]
         runs += [(o, u, lr, s) for o, u, lr, ss in mismatch if s in ss]
     return runs
+
+
+def smallest_near_best(finals: dict[int, list[float]]) -> int:
+    """Rule 3: the smallest U whose final accuracy is not below the best-mean U's by more than two combined SEs."""
+    best = max(finals, key=lambda u: statistics.fmean(finals[u]))
+    return min(u for u in finals if compare(finals[u], finals[best]) >= 0)
+
+
+def clip_winners(best: dict[str, list[float]], trainer: dict[str, str]) -> list[str]:
+    """Rule 2: the objectives whose best final accuracies beat every objective of the other trainer by more than
+    two combined SEs (empty: no clip-range advice follows). `trainer` maps objective -> "grpo" or "gmpo"."""
+    return [o for o in best if all(compare(best[o], best[x]) == 1 for x in best if trainer[x] != trainer[o])
+            and any(trainer[x] != trainer[o] for x in best)]

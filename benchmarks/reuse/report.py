@@ -145,6 +145,47 @@ def lr_tables(lr: float, cells: dict, summ: dict, start: float) -> tuple[str, di
     return "\n\n".join(parts), {"derived": derived}
 
 
+def advice(cells: dict, summ: dict) -> tuple[str, dict]:
+    """The protocol's rules 2-4 applied to the measured finals (rules 2-3 at the deciding learning rate)."""
+    lr = protocol.LEARNING_RATES[0]
+    finals = {o: {u: [s["final"] for s in summ[(o, lr, u)]] for (oo, r, u) in summ if oo == o and r == lr}
+              for o in protocol.OBJECTIVES}
+    finals = {o: f for o, f in finals.items() if 1 in f and len(f) > 1}
+    if not finals:
+        return "", {}
+    best_u = {o: max(f, key=lambda u: statistics.fmean(f[u])) for o, f in finals.items()}
+    kind = {o: protocol.OBJECTIVES_TRAINER[o] for o in finals}
+    winners = protocol.clip_winners({o: finals[o][best_u[o]] for o in finals}, kind)
+    start_u = {o: protocol.smallest_near_best(f) for o, f in finals.items()}
+    fastest = {}
+    for (o, r, u), runs in cells.items():
+        hit = to_target(runs) if o in protocol.OBJECTIVES else None
+        key = protocol.OBJECTIVES_TRAINER[o] if hit else None
+        if key and (key not in fastest or (hit["completions"], -hit["char_accuracy"]) <
+                    (fastest[key][3]["completions"], -fastest[key][3]["char_accuracy"])):
+            fastest[key] = (o, r, u, hit)
+    lines = [f"**By the protocol's rules** (lr {lr:g}; seeds per cell: "
+             f"{sorted({len(v) for f in finals.values() for v in f.values()})}):",
+             "- Rule 2, clip range: " + (", ".join(LABELS[o] for o in winners) + " beats every objective of the "
+                                         "other trainer at their best U by more than two combined SEs."
+                                         if winners else "no objective's best beats every objective of the other "
+                                         "trainer by more than two combined SEs: **no clip-range advice follows**."),
+             "- Rule 3, updates per rollout (smallest U within two SEs of the objective's best U): "
+             + "; ".join(f"{LABELS[o]}: best U {best_u[o]}, start from U = {start_u[o]}" for o in finals) + "."]
+    for key in ("grpo", "gmpo"):
+        if key in fastest:
+            o, r, u, hit = fastest[key]
+            lines.append(f"- Rule 4, time to {protocol.TARGET_ACCURACY}, best measured {key.upper()} setting: "
+                         f"{LABELS[o]}, lr {r:g}, U = {u}: {hit['completions']:.0f} completions, "
+                         f"{hit['tokens'] / 1e3:.1f}k generated tokens, {hit['train_s']:.0f} s of training "
+                         f"(seed-mean accuracy {hit['char_accuracy']:.3f} there).")
+        else:
+            lines.append(f"- Rule 4: no {key.upper()} condition reaches {protocol.TARGET_ACCURACY} (seed mean).")
+    return "\n".join(lines), {"best_u": best_u, "clip_winners": winners, "start_u": start_u,
+                               "fastest": {k: {"objective": v[0], "lr": v[1], "updates": v[2], **v[3]}
+                                           for k, v in fastest.items()}}
+
+
 def plots(cells: dict, summ: dict, start: float, out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -219,6 +260,8 @@ def main(argv=None):
         text, derived = lr_tables(lr, cells, summ, start)
         blocks.append(text)
         summary["lrs"][f"{lr:g}"] = derived
+    text, summary["advice"] = advice(cells, summ)
+    blocks.insert(1, text)
     blocks.append(mismatch_table(cells, summ))
     args.figures.mkdir(parents=True, exist_ok=True)
     blocks.append("\n".join(f"![{f.stem}](results/{f.name})" for f in plots(cells, summ, start, args.figures)))
