@@ -220,6 +220,25 @@ def plots(cells: dict, summ: dict, start: float, out_dir: Path) -> list[Path]:
         paths.append(out_dir / f"reuse_{name}.png")
         fig.savefig(paths[-1], dpi=80)
         plt.close(fig)
+
+    # accuracy against the generation budget, seed means, one panel per learning rate, U = 1 and each U > 1
+    fig, axes = plt.subplots(1, len(lrs), figsize=(5.2 * len(lrs), 3.8), squeeze=False)
+    for ax, lr in zip(axes[0], lrs):
+        for o in protocol.OBJECTIVES:
+            us = sorted(u for oo, r, u in cells if oo == o and r == lr and (u > 1 or protocol.baseline(o) == o))
+            for u in us:
+                curve = [{"completions": 0, "char_accuracy": start}] + mean_curve(cells[(o, lr, u)])
+                ax.plot([p["completions"] for p in curve], [p["char_accuracy"] for p in curve], color=colors[o],
+                        lw=0.6 + 1.4 * math.log2(u) / 5, alpha=0.8, label=f"{o}, U = {u}" if u in (1, 32) else None)
+        ax.axhline(protocol.TARGET_ACCURACY, color="grey", ls="--", lw=0.6)
+        ax.set_title(f"reverse, lr {lr:g}: seed-mean held-out char accuracy (line width: U)", fontsize=8)
+        ax.set_xlabel("completions sampled", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=5)
+    fig.tight_layout()
+    paths.append(out_dir / "reuse_curves.png")
+    fig.savefig(paths[-1], dpi=80)
+    plt.close(fig)
     return paths
 
 
@@ -276,7 +295,7 @@ def main(argv=None):
         raise SystemExit(f"{args.doc} lacks the markers {BEGIN} ... {END}")
     head_text, rest = doc.split(BEGIN, 1)
     args.doc.write_text(head_text + generated + rest.split(END, 1)[1])
-    print(f"wrote {args.doc}, {args.figures}/reuse.json and 2 figures")
+    print(f"wrote {args.doc}, {args.figures}/reuse.json and 3 figures")
 
 
 if __name__ == "__main__":
