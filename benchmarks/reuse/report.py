@@ -271,7 +271,9 @@ def main(argv=None):
     summ = {k: [summarize(r, start) for r in runs] for k, runs in cells.items()}
     n_runs = len({(r["objective"], r["lr"], r["updates"], r["seed"]) for runs in cells.values() for r in runs})
     loads = [s["load"] for v in summ.values() for s in v]
-    head = (f"{n_runs} runs; start char accuracy {start:.3f} on {initial['eval_size']} held-out prompts; load "
+    planned = len(protocol.grid())
+    status = "complete" if n_runs >= planned else f"**PARTIAL: {planned - n_runs} runs missing**"
+    head = (f"{n_runs} of the protocol's {planned} runs ({status}); start char accuracy {start:.3f} on {initial['eval_size']} held-out prompts; load "
             f"average (1 min) at run start {min(loads):.1f}-{max(loads):.1f}; {meta.get('machine', '')}; study "
             f"wall time {meta.get('study_wall_s', {}).get('wall_s', 'n/a')} s.")
     blocks, summary = [head], {"meta": meta, "initial": initial, "lrs": {}, "runs": {}}
