@@ -181,6 +181,22 @@ def advice(cells: dict, summ: dict) -> tuple[str, dict]:
                          f"(seed-mean accuracy {hit['char_accuracy']:.3f} there).")
         else:
             lines.append(f"- Rule 4: no {key.upper()} condition reaches {protocol.TARGET_ACCURACY} (seed mean).")
+    if fastest:  # is the earliest crossing a called difference? both trainers' best accuracy at that evaluation
+        k = round(min(v[3]["rollout"] for v in fastest.values()))
+        at_k = {}
+        for (o, r, u), runs in cells.items():
+            if o in protocol.OBJECTIVES:
+                accs = [e["char_accuracy"] for run in runs for e in run["evals"] if e["rollout"] == k]
+                key = protocol.OBJECTIVES_TRAINER[o]
+                if accs and (key not in at_k or statistics.fmean(accs) > statistics.fmean(at_k[key][1])):
+                    at_k[key] = (f"{LABELS[o]}, lr {r:g}, U = {u}", accs)
+        if len(at_k) == 2:
+            verdict = {1: "GRPO ahead", -1: "GMPO ahead", 0: "no difference called"}[
+                protocol.compare(at_k["grpo"][1], at_k["gmpo"][1])]
+            lines.append(f"- At the earliest of these evaluations (rollout {k}), the best condition of each trainer: "
+                         f"{at_k['grpo'][0]}: {fmt(at_k['grpo'][1])}; {at_k['gmpo'][0]}: {fmt(at_k['gmpo'][1])}; "
+                         f"{verdict} "
+                         "(two-SE rule; the seed-mean crossing itself carries no test).")
     return "\n".join(lines), {"best_u": best_u, "clip_winners": winners, "start_u": start_u,
                                "fastest": {k: {"objective": v[0], "lr": v[1], "updates": v[2], **v[3]}
                                            for k, v in fastest.items()}}
