@@ -263,17 +263,21 @@ def mismatch_table(cells: dict, summ: dict) -> str:
     for (o, lr, u), runs in sorted(cells.items()):
         if not o.endswith("-bf16"):
             continue
-        twin = o.removesuffix("-bf16")
+        seeds = {r["seed"] for r in runs}
+        twin = [s for s, r in zip(summ.get((o.removesuffix("-bf16"), lr, u), []),
+                                  cells.get((o.removesuffix("-bf16"), lr, u), [])) if r["seed"] in seeds]
+        mine = [s["final"] for s in summ[(o, lr, u)]]
+        verdict = {1: "bf16 above", -1: "bf16 below", 0: "no difference called"}[
+            protocol.compare(mine, [s["final"] for s in twin])]
         d = [x for r in runs for x in r["sampler_mismatch"] or []]
-        rows.append([LABELS[o], f"{lr:g}", str(u), fmt([s["final"] for s in summ[(o, lr, u)]]),
-                     fmt([s["final"] for s in summ.get((twin, lr, u), [])]),
-                     f"{statistics.fmean(x['mean_abs'] for x in d):.4f} / {max(x['max_abs'] for x in d):.2f}"])
+        rows.append([LABELS[o], f"{lr:g}", str(u), f"{sorted(seeds)}", fmt(mine), fmt([s["final"] for s in twin]),
+                     verdict, f"{statistics.fmean(x['mean_abs'] for x in d):.4f} / {max(x['max_abs'] for x in d):.2f}"])
     if not rows:
         return ""
     return ("**Sampler mismatch** (bf16 sampler, no importance-sampling correction) against the same objective "
-            "with the fp32 sampler; |d| = |log pi_sampler - log pi_trained| on the sampled tokens, mean over "
-            "tokens / max.\n\n" + table(["condition", "lr", "U", "final (bf16 sampler)", "final (fp32 sampler)",
-                                          "mean / max |d|"], rows))
+            "with the fp32 sampler at the same seeds; |d| = |log pi_sampler - log pi_trained| on the sampled tokens, "
+            "mean over tokens / max.\n\n" + table(["condition", "lr", "U", "seeds", "final (bf16 sampler)",
+                                                     "final (fp32 sampler)", "two-SE rule", "mean / max |d|"], rows))
 
 
 def main(argv=None):
