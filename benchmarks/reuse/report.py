@@ -22,6 +22,7 @@ import math
 import statistics
 from pathlib import Path
 
+from benchmarks.files import replace_generated_block
 from benchmarks.reuse import protocol
 from benchmarks.reuse.runs import LABELS
 from benchmarks.stability.report import table
@@ -312,11 +313,7 @@ def main(argv=None):
             "mean_curve": [{k: round(x, 4) for k, x in pt.items()} for pt in mean_curve(cells[(o, lr, u)])]}
     (args.figures / "reuse.json").write_text(json.dumps(summary, separators=(",", ":")))
     generated = f"{BEGIN}\n\n" + "\n\n".join(b for b in blocks if b) + f"\n\n{END}"
-    doc = args.doc.read_text()
-    if BEGIN not in doc or END not in doc:
-        raise SystemExit(f"{args.doc} lacks the markers {BEGIN} ... {END}")
-    head_text, rest = doc.split(BEGIN, 1)
-    args.doc.write_text(head_text + generated + rest.split(END, 1)[1])
+    replace_generated_block(args.doc, BEGIN, END, generated)
     print(f"wrote {args.doc}, {args.figures}/reuse.json and 3 figures")
 
 

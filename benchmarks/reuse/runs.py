@@ -6,7 +6,6 @@ fixed rollouts. The per-step probe (token log-ratio max/min, lag, entropy, KL to
 Trainer's clip fractions and gradient norm come from `benchmarks.stability.instrument`, unchanged.
 """
 
-import json
 import math
 import os
 import resource
@@ -14,6 +13,7 @@ import time
 import warnings
 from pathlib import Path
 
+from benchmarks.files import write_json_atomic
 from benchmarks.reuse import protocol
 from benchmarks.stability.runs import VARIANT_LABELS, VARIANTS, torch_threads
 
@@ -97,10 +97,7 @@ def run_one(objective: str, updates: int, lr: float, seed: int, out_path: Path, 
         "sampler_mismatch": sampler.stats if sampler else None,
         "records": [dict(step=step, **row) for step, row in sorted(trainer.probe_records.items())],
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(".part")
-    tmp.write_text(json.dumps(result))
-    tmp.rename(out_path)
+    write_json_atomic(out_path, result)
     return result
 
 

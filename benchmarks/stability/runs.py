@@ -6,12 +6,13 @@ move away from 1), beta 0, temperature 1, constant learning rate (as the paper),
 evaluation.
 """
 
-import json
 import math
 import os
 import time
 import warnings
 from pathlib import Path
+
+from benchmarks.files import write_json_atomic
 
 E04 = math.exp(0.4)
 
@@ -109,10 +110,7 @@ def run_one(task: str, variant: str, seed: int, steps: int, out_path: Path, thre
         "total_s": round(time.perf_counter() - start, 1), "threads": threads,
         "records": [dict(step=step, **row) for step, row in sorted(trainer.probe_records.items())],
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(".part")
-    tmp.write_text(json.dumps(result))
-    tmp.rename(out_path)
+    write_json_atomic(out_path, result)
     return result
 
 
