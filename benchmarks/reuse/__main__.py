@@ -11,11 +11,11 @@ files that exist, so an interrupted study resumes where it stopped. Then `python
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from benchmarks.pool import run_pool
 from benchmarks.reuse import protocol
 from benchmarks.reuse.runs import initial_scores, run_name, run_one
 
@@ -65,25 +65,10 @@ def main(argv=None):
                                      mismatch=q.get("mismatch", protocol.MISMATCH))
             if not (args.out / f"{run_name(*c)}.json").exists()]
     print(f"{len(todo)} runs to do in {args.out} ({args.jobs} at a time; load {os.getloadavg()})", flush=True)
-    running, failed = [], []
-    while todo or running:
-        while todo and len(running) < args.jobs:
-            cond = todo.pop(0)
-            cmd = [sys.executable, "-m", "benchmarks.reuse", "--only", *map(str, cond), "--out", str(args.out),
-                   "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
-            log = open(args.out / f"{run_name(*cond)}.log", "w")
-            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), run_name(*cond)))
-        time.sleep(1)
-        for proc, name in list(running):
-            if proc.poll() is not None:
-                running.remove((proc, name))
-                failed += [name] if proc.returncode else []
-                status = "done" if proc.returncode == 0 else f"FAILED (rc {proc.returncode}, see {name}.log)"
-                print(f"[{time.time() - start:7.0f}s] {name} {status}", flush=True)
-    wall = time.time() - start
-    (args.out / "study_wall_s.json").write_text(json.dumps({"wall_s": round(wall), "jobs": args.jobs,
-                                                            "threads": args.threads, "failed": failed}))
-    print(f"study wall time {wall:.0f}s; failed: {failed or 'none'}", flush=True)
+    jobs = [(run_name(*cond), [sys.executable, "-m", "benchmarks.reuse", "--only", *map(str, cond), "--out",
+                               str(args.out), "--threads", str(args.threads)] + (["--quick"] if args.quick else []))
+            for cond in todo]
+    run_pool(jobs, args.out, args.jobs, args.threads, start)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,11 @@ an interrupted study resumes where it stopped. Then `python -m benchmarks.stabil
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from benchmarks.pool import run_pool
 from benchmarks.stability.runs import TASKS, VARIANTS, initial_scores, run_name, run_one
 
 
@@ -63,28 +63,14 @@ def main(argv=None):
     todo = [(t, v, s) for s in args.seeds for t in args.tasks for v in args.variants
             if not (args.out / f"{run_name(t, v, s)}.json").exists()]
     print(f"{len(todo)} runs to do in {args.out} ({args.jobs} at a time)", flush=True)
-    running: list[tuple[subprocess.Popen, str]] = []
-    failed = []
-    while todo or running:
-        while todo and len(running) < args.jobs:
-            task, variant, seed = todo.pop(0)
-            cmd = [sys.executable, "-m", "benchmarks.stability", "--worker", task, variant, str(seed),
-                   "--out", str(args.out), "--threads", str(args.threads)]
-            cmd += ["--quick"] if args.quick else []
-            cmd += ["--steps", str(args.steps)] if args.steps else []
-            log = open(args.out / f"{run_name(task, variant, seed)}.log", "w")
-            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), run_name(task, variant, seed)))
-        time.sleep(1)
-        for proc, name in list(running):
-            if proc.poll() is not None:
-                running.remove((proc, name))
-                status = "done" if proc.returncode == 0 else f"FAILED (rc {proc.returncode}, see {name}.log)"
-                failed += [name] if proc.returncode else []
-                print(f"[{time.time() - start:7.0f}s] {name} {status}", flush=True)
-    wall = time.time() - start
-    (args.out / "study_wall_s.json").write_text(json.dumps({"wall_s": round(wall), "jobs": args.jobs,
-                                                            "threads": args.threads, "failed": failed}))
-    print(f"study wall time {wall:.0f}s; failed: {failed or 'none'}", flush=True)
+    jobs = []
+    for task, variant, seed in todo:
+        cmd = [sys.executable, "-m", "benchmarks.stability", "--worker", task, variant, str(seed),
+               "--out", str(args.out), "--threads", str(args.threads)]
+        cmd += ["--quick"] if args.quick else []
+        cmd += ["--steps", str(args.steps)] if args.steps else []
+        jobs.append((run_name(task, variant, seed), cmd))
+    run_pool(jobs, args.out, args.jobs, args.threads, start)
 
 
 if __name__ == "__main__":
