@@ -29,6 +29,7 @@ from gmpo.cli.args import describe_rollouts, parse_train_args, resolved_config, 
 from gmpo.cli.callbacks import CompactProgress, HeldOutAccuracy
 from gmpo.cli.checks import check_arguments, check_chat_template, check_model, check_output_dir
 from gmpo.cli.exit_status import stopped_by_signal, training_stop
+from gmpo.cli.preflight import check_lora_targets, check_optional_packages, options_set, rejected_at_construction
 from gmpo.cli.resume import Stopped, close_progress_bars, resume_request, stop_message, stop_on_signals
 from gmpo.cli.rewards import check_reward_columns, resolve_rewards
 from gmpo.guards import NonFiniteGradientError, RewardFunctionError
@@ -39,6 +40,7 @@ MARKER = "run_complete.json"
 def train(argv: list[str]) -> None:
     script_args, training_args, model_args = parse_train_args(argv)
     check_arguments(script_args, model_args)
+    check_optional_packages(training_args, model_args, strict=not script_args.dry_run)
     check_output_dir(training_args.output_dir)
     reward_funcs = resolve_rewards(script_args.reward_funcs, training_args, require_packages=not script_args.dry_run)
     if script_args.dry_run:
@@ -74,12 +76,15 @@ def run(argv, script_args, training_args, model_args, reward_funcs, checkpoint, 
     source = script_args.dataset_name or f"built-in task {script_args.task!r}"
     check_reward_columns(script_args.reward_funcs, reward_funcs, data[0].column_names, source)
     check_model(model_args, training_args)
+    check_lora_targets(model_args, training_args)
     check_chat_template(data[0], model_args, training_args, source)
     plots_available = matplotlib_available()
 
     output_dir = Path(training_args.output_dir)
     created_output_dir = not output_dir.exists()
-    trainer, accuracy = build_trainer(script_args, training_args, model_args, reward_funcs, data)
+    settings = options_set(argv, script_args, training_args, model_args)
+    with rejected_at_construction(settings, output_dir, created_output_dir):
+        trainer, accuracy = build_trainer(script_args, training_args, model_args, reward_funcs, data)
     running["trainer"] = trainer
     # Loaded and downloaded: from here on, no "Writing model shards" bar breaks the training bar at every checkpoint.
     transformers_logging.disable_progress_bar()
