@@ -213,7 +213,7 @@ def k3_kl(
     log_ratio: torch.Tensor | None = None,
     clip_level: str = "token",
 ) -> torch.Tensor:
-    """(B, T) per-token k3 estimate of KL(pi_theta || pi_ref), 0 outside `mask`, bias-corrected when `log_ratio` is given.
+    """(B, T) per-token k3 estimate of KL(pi_theta || pi_ref), 0 outside `mask`; bias-corrected given `log_ratio`.
 
     k3_it = exp(d_it) - d_it - 1, d_it = log pi_ref(o_it) - log pi_theta(o_it). The completions were sampled from
     pi_old, so with `log_ratio` (the (B, T) r_it) each k3_it is multiplied by the unclipped importance weight of the

@@ -129,8 +129,7 @@ def test_a_model_that_does_not_load(capsys, tmp_path):
     weightless = tmp_path / "weightless"  # a config and a tokenizer, but no weights
     shutil.copytree(policy_path("addition"), weightless, ignore=shutil.ignore_patterns("*.safetensors"))
     line = cannot_run(capsys, tmp_path, *common, "--model_name_or_path", str(weightless))
-    assert line == f"--model_name_or_path {weightless}: Error no file named model.safetensors, or pytorch_model.bin, " \
-                   f"found in directory {weightless}."
+    assert line.startswith(f"--model_name_or_path {weightless}: ") and "no file named model.safetensors" in line
     config = json.loads((weightless / "config.json").read_text())
     del config["architectures"]
     (weightless / "config.json").write_text(json.dumps(config))

@@ -1,16 +1,18 @@
-"""Exit statuses of `gmpo train`, and which failure of a run maps to which.
+"""Exit statuses of `gmpo train`, and which failure of a run maps to which. A job script restarts a run only when a
+restart can change the outcome (the README's loop):
 
-A job script restarts a run only when a restart can change the outcome:
+    0        finished (or already finished: nothing to resume)                                       done
+    1        may succeed on a restart: a reward function raised ConnectionError or TimeoutError       a few restarts
+             (one line), or an unexpected error (a crash, with its traceback)
+    2        cannot run: bad input, a missing optional package, an option upstream rejects, a model   fix the command
+             that does not load (one line; nothing written)
+    3        a restart reproduces the failure: a reward function raised, or returned anything but     fix the code or
+             one number (or None) per completion; a non-finite gradient with                          the configuration
+             nonfinite_grad_policy="stop" (one line)
+    128 + N  stopped by signal N: 130 SIGINT, 143 SIGTERM (one line naming the resume command);       resume
+             a shell reports 137 for SIGKILL
 
-| status | meaning | restart? |
-|---|---|---|
-| 0 | finished (or already finished: nothing to resume) | no: done |
-| 1 | a failure that a restart may fix: a reward function that raised ConnectionError or TimeoutError (one line), or an unexpected error (a crash, with its traceback) | a few times |
-| 2 | the configuration cannot run: bad input, a missing optional package, an option upstream rejects, a model that does not load (one line; nothing written) | no: fix the command |
-| 3 | a failure that a restart reproduces: a reward function that raised, or returned anything but one number (or None) per completion; a non-finite gradient with nonfinite_grad_policy="stop" (one line) | no: fix the code or the configuration |
-| 128 + N | stopped by signal N: 130 for SIGINT, 143 for SIGTERM (one line naming the resume command); a shell reports 137 for SIGKILL | yes: resume |
-
-`GMPO_TRACEBACK=1` prints the traceback (and the upstream error it came from) above each one-line error.
+GMPO_TRACEBACK=1 prints the traceback (and the upstream error it came from) above each one-line error.
 """
 
 import os

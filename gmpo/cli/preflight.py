@@ -13,6 +13,7 @@ naming the option, what is wrong and what to do; exit status 2).
 import importlib.util
 import re
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,8 +41,6 @@ TRACKERS = {
 
 def check_optional_packages(training_args, model_args, strict: bool = True) -> None:
     """Every option this run sets whose package is not installed is a UsageError (only a note without `strict`)."""
-    import sys
-
     problems = [problem for problem in _missing_packages(training_args, model_args) if problem]
     if problems and strict:
         raise UsageError(problems[0])
@@ -59,10 +58,11 @@ def _missing_packages(training_args, model_args):
         yield "--use_peft true needs the peft package, which is not installed: pip install peft (or --use_peft false)"
     for name in training_args.report_to or []:
         if name not in TRACKERS:
-            yield f"--report_to {name!r} is not a tracker transformers knows; valid names are {sorted(TRACKERS)}, 'all' or 'none'"
+            yield (f"--report_to {name!r} is not a tracker transformers knows; valid names are {sorted(TRACKERS)}, "
+                   "'all' or 'none'")
         elif not getattr(integration_utils, TRACKERS[name][0])():
-            fix = TRACKERS[name][1]
-            yield f"--report_to {name} needs the {name} integration, which is not available: {fix} (or drop {name} from --report_to)"
+            yield (f"--report_to {name} needs the {name} integration, which is not available: {TRACKERS[name][1]} "
+                   f"(or drop {name} from --report_to)")
     if training_args.use_liger_kernel and not is_liger_kernel_available():
         yield ("--use_liger_kernel true needs liger-kernel >= 0.3.0, which is not installed: pip install liger-kernel "
                "(or --use_liger_kernel false)")
