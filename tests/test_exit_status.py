@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gmpo.cli import main
-from gmpo.cli.exit_status import ExitStatus, stopped_by_signal
+from gmpo.cli.exit_status import ExitStatus, is_transient, stopped_by_signal
 
 REPO = Path(__file__).resolve().parents[1]
 # Rollouts of 64 completions feeding 4 optimizer steps each, so a start takes seconds; no accuracy measurement
@@ -146,3 +146,55 @@ def test_gmpo_traceback_off_prints_one_line(capsys, monkeypatch, value):
     monkeypatch.setenv("GMPO_TRACEBACK", value)
     assert main(["train", "--reward_funcs", "nope"]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_transient_errors_are_found_along_the_chain():
+    def raised_while_handling(outer, inner):
+        try:
+            try:
+                raise inner
+            except Exception:
+                raise outer  # noqa: B904 (the implicit __context__ is the chain under test)
+        except Exception as err:
+            return err
+
+    # huggingface_hub's shape: OSError <- LocalEntryNotFoundError (a FileNotFoundError) <- httpx <- the socket's error
+    assert is_transient(raised_while_handling(OSError("We couldn't connect"), ConnectionRefusedError(111, "refused")))
+    assert is_transient(raised_while_handling(RuntimeError("reward failed"), TimeoutError("read timed out")))
+    assert not is_transient(raised_while_handling(OSError("no file named config.json"), FileNotFoundError("x")))
+    assert not is_transient(None)
+
+
+def unreachable_hub(*args, **kwargs):
+    try:
+        raise ConnectionRefusedError(111, "Connection refused")
+    except ConnectionRefusedError:
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files") from None
+
+
+def test_an_unreachable_hub_is_status_1_not_bad_input(capsys, monkeypatch, tmp_path):
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", unreachable_hub)
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    status = main(["train", "--dataset_name", str(data), "--model_name_or_path", "some-org/some-model",
+                   "--reward_funcs", "exact_match", "--use_cpu", "--output_dir", str(tmp_path / "out")])
+    assert status == 1 and last_line(capsys.readouterr().err) == (
+        "gmpo train: error: cannot load model 'some-org/some-model': We couldn't connect to 'https://huggingface.co' "
+        "to load the files (a restart may succeed)")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_an_unreachable_hub_end_to_end(tmp_path):
+    """A closed local port as the Hub: huggingface_hub retries for about 30 s, then the run exits 1."""
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    variables = {key: value for key, value in env().items() if key != "HF_HUB_OFFLINE"}
+    variables.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    result = subprocess.run([sys.executable, "-m", "gmpo", "train", "--dataset_name", str(data), "--model_name_or_path",
+                             "some-org/some-model", "--reward_funcs", "exact_match", "--use_cpu"], capture_output=True,
+                            text=True, env=variables, cwd=tmp_path, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert last_line(result.stderr).endswith("(a restart may succeed)")

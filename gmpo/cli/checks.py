@@ -4,7 +4,8 @@ raised before anything is written."""
 import os
 from pathlib import Path
 
-from gmpo.cli import UsageError
+from gmpo.cli import RetryableError, UsageError
+from gmpo.cli.exit_status import is_transient
 
 
 def check_arguments(script_args, model_args) -> None:
@@ -51,6 +52,8 @@ def check_model(model_args, training_args) -> None:
         )
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0]
+        if is_transient(err):
+            raise RetryableError(f"cannot load model {name!r}: {first_line} (a restart may succeed)") from err
         raise UsageError(
             f"cannot load model {name!r}: {first_line} (pass a directory written by save_pretrained or a Hub model id)"
         ) from err

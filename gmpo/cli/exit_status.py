@@ -2,8 +2,8 @@
 restart can change the outcome (the README's loop):
 
     0        finished (or already finished: nothing to resume)                                       done
-    1        may succeed on a restart: a reward function raised ConnectionError or TimeoutError       a few restarts
-             (one line), or an unexpected error (a crash, with its traceback)
+    1        may succeed on a restart: a reward function, the Hub or another service could not be     a few restarts
+             reached or timed out (one line), or an unexpected error (a crash, with its traceback)
     2        cannot run: bad input, a missing optional package, an option upstream rejects, a model   fix the command
              that does not load (one line; nothing written)
     3        a restart reproduces the failure: a reward function raised, or returned anything but     fix the code or
@@ -33,8 +33,21 @@ def stopped_by_signal(signum: int) -> int:
     return 128 + signum
 
 
-# Errors of a reward function that the same call can escape on a retry (a remote reward service, a timeout).
-TRANSIENT_REWARD_ERRORS = (ConnectionError, TimeoutError)
+# Errors that the same call can escape on a retry: a service that could not be reached, a call that timed out.
+TRANSIENT_ERRORS = (ConnectionError, TimeoutError)
+
+
+def is_transient(err: BaseException | None) -> bool:
+    """Whether `err`, or an error it was raised from or while handling (its __cause__ / __context__ chain), is one
+    of TRANSIENT_ERRORS. HTTP clients (httpx, requests) and huggingface_hub keep the socket's ConnectionError or
+    TimeoutError in that chain."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, TRANSIENT_ERRORS):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
 
 
 class CommandError(Exception):
@@ -67,7 +80,7 @@ def training_stop(err: Exception, what_is_left: str) -> CommandError:
     """The CLI error for a RewardFunctionError or NonFiniteGradientError, with what the output directory holds now."""
     from gmpo.guards import RewardFunctionError
 
-    if isinstance(err, RewardFunctionError) and isinstance(err.__cause__, TRANSIENT_REWARD_ERRORS):
+    if isinstance(err, RewardFunctionError) and is_transient(err.__cause__):
         return RetryableError(f"{err}; a restart may succeed ({what_is_left})")
     return RunError(f"{err} ({what_is_left})")
 

@@ -17,7 +17,8 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from gmpo.cli import UsageError
+from gmpo.cli import RetryableError, UsageError
+from gmpo.cli.exit_status import is_transient
 
 # report_to name -> (transformers' availability check in transformers.integrations.integration_utils, what to do).
 # Covers every key of transformers' INTEGRATION_TO_CALLBACK (a test checks it).
@@ -209,6 +210,8 @@ def rejected_at_construction(settings: dict, output_dir: Path, created: bool):
             raise  # a bug of ours, not a configuration upstream rejects: a crash with its traceback
         if created:
             shutil.rmtree(output_dir, ignore_errors=True)
+        if is_transient(err):  # the Hub or another service could not be reached: not the configuration's fault
+            raise RetryableError(f"building the trainer: {one_line(err)} (a restart may succeed)") from err
         culprits = _culprits(err, settings)
         where = ", ".join(f"--{name} {_show(settings[name])}" for name in culprits) if culprits else (
             "the trainer's construction (GMPO_TRACEBACK=1 shows where)")
