@@ -78,7 +78,7 @@ def _optimizer_problem(training_args) -> str | None:
         Trainer.get_optimizer_cls_and_kwargs(training_args)
     except ImportError as err:
         return f"--optim {_show(training_args.optim)}: {one_line(err)} (or choose another --optim)"
-    except Exception:  # optimizers that need the model (GaLore, APOLLO, LOMO) are checked when training starts
+    except Exception:  # optimizers that need the model (GaLore, APOLLO, LOMO): transformers checks them at train()
         return None
     return None
 
@@ -101,17 +101,20 @@ def check_lora_targets(model_args, training_args) -> None:
     if not model_args.use_peft or not targets or targets in ("all-linear", ["all-linear"]):
         return
     import torch
+    import transformers
     from peft.tuners.tuners_utils import check_target_module_exists
-    from transformers import AutoConfig, AutoModelForCausalLM
     from trl import get_peft_config
 
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
-                                        trust_remote_code=training_args.trust_remote_code)
+    remote_code = training_args.trust_remote_code
+    config = transformers.AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
+                                                     trust_remote_code=remote_code)
+    architecture = getattr(transformers, (config.architectures or [""])[0], None)  # the class TRL loads
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=training_args.trust_remote_code)
-    except (ValueError, ImportError, OSError):
-        return  # not a causal LM built this way: TRL loads it, and the construction check reports what fails
+            model = architecture(config) if architecture is not None else (
+                transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=remote_code))
+    except Exception:  # a model this cannot build without weights: the construction check reports what fails
+        return
     peft_config = get_peft_config(model_args)
     if any(check_target_module_exists(peft_config, name) for name, _ in model.named_modules() if name):
         return
