@@ -111,7 +111,7 @@ def test_attention_implementation_rejected_when_the_model_loads(capsys, tmp_path
     (["--router_aux_loss_coef", "0.01"], "--router_aux_loss_coef 0.01: `router_aux_loss_coef` is set to 0.01 but"),
     (["--use_peft", "true", "--lora_target_modules", "lm_head"],
      "--lora_target_modules lm_head: Applying a PEFT adapter to `lm_head` is not supported"),
-])
+], ids=["router_aux_loss_coef", "lora_on_lm_head"])
 def test_options_rejected_at_construction(capsys, tmp_path, args, start):
     assert cannot_run(capsys, tmp_path, *args).startswith(start)
 
