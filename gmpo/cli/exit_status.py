@@ -39,7 +39,7 @@ TRANSIENT_ERRORS = (ConnectionError, TimeoutError)
 
 def is_transient(err: BaseException | None) -> bool:
     """Whether `err`, or an error it was raised from or while handling (its __cause__ / __context__ chain), is one
-    of TRANSIENT_ERRORS. HTTP clients (httpx, requests) and huggingface_hub keep the socket's ConnectionError or
+    of TRANSIENT_ERRORS. HTTP clients (httpx) and huggingface_hub keep the socket's ConnectionError or
     TimeoutError in that chain."""
     seen = set()
     while err is not None and id(err) not in seen:
