@@ -13,11 +13,15 @@ logger = logging.getLogger(__name__)
 NONFINITE_GRAD_POLICIES = ("skip", "stop")
 
 
+class NonFiniteGradientError(RuntimeError):
+    """A gradient held NaN or inf with nonfinite_grad_policy="stop"; the message names the optimizer step."""
+
+
 class NonFiniteGradientGuard(TrainerCallback):
     """Checks the gradients before every optimizer step; a NaN or inf anywhere never reaches the weights.
 
     policy "skip": every parameter's grad is set to None, so the optimizer leaves the weights (and its moments)
-    untouched for that step; `skipped` counts such steps. policy "stop": RuntimeError.
+    untouched for that step; `skipped` counts such steps. policy "stop": `NonFiniteGradientError` (a RuntimeError).
     The check reads the global gradient norm (the one computed for clipping, else a reduced local norm), so every
     rank takes the same decision, sharded gradients included.
     Gradients held inside a DeepSpeed engine are not visible here; DeepSpeed applies its own overflow check.
@@ -43,7 +47,7 @@ class NonFiniteGradientGuard(TrainerCallback):
             return
         step = state.global_step + 1
         if self.policy == "stop":
-            raise RuntimeError(
+            raise NonFiniteGradientError(
                 f"Non-finite gradient at optimizer step {step}: stopping (nonfinite_grad_policy='stop'). "
                 "Set nonfinite_grad_policy='skip' to skip such steps instead."
             )
