@@ -87,6 +87,26 @@ def log_power_mean(log_x: torch.Tensor, valid: torch.Tensor, power: float) -> to
     return torch.where(count == 0, 0.0, torch.where(alive.squeeze(-1), log_mean, -math.inf))
 
 
+def row_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) advantages from (B,) or (B, T); a (B, T) tensor must be constant over each row's valid tokens."""
+    if advantages.dim() == 1:
+        return advantages
+    if advantages.dim() != 2:
+        raise ValueError(f"advantages must have shape (B,) or (B, T), got {tuple(advantages.shape)}")
+    if advantages.size(1) == 1:
+        return advantages[:, 0]
+    valid = mask > 0
+    highest = torch.where(valid, advantages, -math.inf).amax(-1)
+    lowest = torch.where(valid, advantages, math.inf).amin(-1)
+    has_tokens = valid.any(-1)
+    if bool(((highest != lowest) & has_tokens).any()):
+        raise ValueError(
+            "GMPO weights a whole row by one advantage A_i, but the (B, T) advantages vary along a row's valid "
+            "tokens. Provide one advantage per completion (shape (B,), or (B, T) constant along each row)."
+        )
+    return torch.where(has_tokens, highest, 0.0)
+
+
 def gmpo_objective(
     log_ratio: torch.Tensor,
     mask: torch.Tensor,

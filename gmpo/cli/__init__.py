@@ -7,6 +7,8 @@ exit status 2, before anything is written to the output directory.
 import sys
 import warnings
 
+from gmpo import missing_extra_message
+
 USAGE = """usage: gmpo <command> [options]
 
 commands:
@@ -39,10 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     # trainer's is_gradient_checkpointing call): not the user's to fix, and they would bury a one-line error.
     warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated", category=FutureWarning)
     command, rest = argv[0], argv[1:]
-    if command == "train":
-        from gmpo.cli.train import train as run
-    elif command == "plot":
-        from gmpo.cli.plot import plot_command as run
+    if command in ("train", "plot"):
+        try:
+            run = _load_command(command)
+        except ModuleNotFoundError as err:
+            message = missing_extra_message(err, f"`gmpo {command}`", "trl")
+            if message is None:
+                raise
+            print(f"gmpo {command}: error: {message}", file=sys.stderr)
+            return 2
     else:
         from gmpo.cli.flags import closest
 
@@ -59,3 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gmpo {command}: error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _load_command(command: str):
+    if command == "train":
+        from gmpo.cli.train import train
+
+        return train
+    from gmpo.cli.plot import plot_command
+
+    return plot_command
