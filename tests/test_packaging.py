@@ -76,7 +76,9 @@ def test_the_objective_and_the_verl_adapter_import_only_their_engine():
     foreign = {
         n
         for n in adapter
-        if n.split(".")[0] not in stdlib | {"torch", "verl"} and n != "gmpo.objective" and not n.startswith("gmpo.verl")
+        if n.split(".")[0] not in stdlib | {"torch", "verl"}
+        and n != "gmpo.objective"
+        and not n.startswith("gmpo.verl")
     }
     assert not foreign, f"gmpo/verl may import only gmpo.objective, torch and verl: {foreign}"
 

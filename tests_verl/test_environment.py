@@ -72,12 +72,16 @@ def test_a_plain_import_verl_registers_gmpo():
 def test_verl_use_external_modules_loads_it_without_the_entry_point():
     off = run_python("import verl\n" + REGISTERED, VERL_USE_EXTERNAL_PLUGINS="none")
     assert off.stdout.split()[:1] == ["False"], "with plugins off, only the entry point could have registered it"
-    on = run_python("import verl\n" + REGISTERED, VERL_USE_EXTERNAL_PLUGINS="none", VERL_USE_EXTERNAL_MODULES="gmpo.verl")
+    on = run_python(
+        "import verl\n" + REGISTERED, VERL_USE_EXTERNAL_PLUGINS="none", VERL_USE_EXTERNAL_MODULES="gmpo.verl"
+    )
     assert on.stdout.split() == ["True", "gmpo.verl.loss"], on.stderr[-2000:]
 
 
 def test_import_gmpo_and_the_adapter_bring_no_trl():
-    result = run_python("import sys, gmpo, gmpo.verl\nprint(sorted(m for m in sys.modules if m.split('.')[0] == 'trl'))")
+    result = run_python(
+        "import sys, gmpo, gmpo.verl\nprint(sorted(m for m in sys.modules if m.split('.')[0] == 'trl'))"
+    )
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr[-2000:]
 
 
@@ -88,7 +92,9 @@ def test_the_trl_classes_and_command_say_what_to_install():
         "ModuleNotFoundError: gmpo.GMPOTrainer needs the 'trl' extra (module 'trl' is not installed): "
         "pip install -e '.[trl]'"
     ), result.stderr[-2000:]
-    command = subprocess.run([Path(sys.executable).parent / "gmpo", "train"], capture_output=True, text=True, timeout=300)
+    command = subprocess.run(
+        [Path(sys.executable).parent / "gmpo", "train"], capture_output=True, text=True, timeout=300
+    )
     assert command.returncode == 2 and command.stderr.strip().count("\n") == 0, command.stderr
     assert "needs the 'trl' extra" in command.stderr and "pip install -e '.[trl]'" in command.stderr
 

@@ -30,7 +30,11 @@ BASE_OVERRIDES = [
 
 def call(config, advantages=None, log_ratio=None, mask=None, **kwargs):
     """One micro-batch of 3 rows x 4 tokens through verl's registry."""
-    log_ratio = torch.tensor([[0.1, -0.2, 0.3, 0.0], [0.9, 0.1, -0.9, 0.2], [-0.6, 0.5, 0.0, 0.0]]) if log_ratio is None else log_ratio
+    log_ratio = (
+        torch.tensor([[0.1, -0.2, 0.3, 0.0], [0.9, 0.1, -0.9, 0.2], [-0.6, 0.5, 0.0, 0.0]])
+        if log_ratio is None
+        else log_ratio
+    )
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool) if mask is None else mask
     if advantages is None:
         advantages = torch.tensor([1.0, -1.0, 0.5]).unsqueeze(-1) * mask
@@ -69,8 +73,12 @@ def test_gmpo_variants_with_another_loss_mode_are_an_error():
 def test_the_driver_rejects_a_bad_variant_before_any_worker_starts():
     """verl's main_ppo runs validate_config before ray.init; it builds the actor config, and with it ours."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        good = compose("ppo_trainer", overrides=BASE_OVERRIDES + ["+actor_rollout_ref.actor.policy_loss.mean_power=-1"])
-        bad = compose("ppo_trainer", overrides=BASE_OVERRIDES + ["+actor_rollout_ref.actor.policy_loss.clip_level=row"])
+        good = compose(
+            "ppo_trainer", overrides=BASE_OVERRIDES + ["+actor_rollout_ref.actor.policy_loss.mean_power=-1"]
+        )
+        bad = compose(
+            "ppo_trainer", overrides=BASE_OVERRIDES + ["+actor_rollout_ref.actor.policy_loss.clip_level=row"]
+        )
     validate_config(good, use_reference_policy=False, use_critic=False)
     with pytest.raises(InstantiationException, match=r"clip_level must be one of"):
         validate_config(bad, use_reference_policy=False, use_critic=False)
@@ -162,3 +170,43 @@ def test_metrics_are_detached_tensors(actor_config):
     _, metrics = call(actor_config(), log_ratio=log_ratio, mask=torch.ones(1, 2, dtype=torch.bool),
                       advantages=torch.ones(1, 2))  # fmt: skip
     assert metrics and all(torch.is_tensor(v) and v.dim() == 0 and not v.requires_grad for v in metrics.values())
+
+
+def verl_aggregate(per_rank_metrics):
+    """A metric as verl 0.9.1 reports it for one mini-batch: ppo_loss wraps each micro-batch's value in a MEAN
+    Metric, train_mini_batch combines the ranks with Metric.aggregate_dp (mean over ranks, then over micro-batches)."""
+    from verl.utils.metric import AggregationType, Metric
+
+    names = per_rank_metrics[0][0].keys()
+    out = {}
+    for name in names:
+        ranks = []
+        for micro_batches in per_rank_metrics:
+            metric = Metric(AggregationType.MEAN)
+            for values in micro_batches:
+                metric.extend(Metric.from_dict({name: values[name]}, AggregationType.MEAN)[name])
+            ranks.append(metric)
+        out[name] = float(Metric.aggregate_dp(ranks))
+    return out
+
+
+def test_sequence_level_fractions_are_exact_under_verls_averaging_with_equal_micro_batches(actor_config):
+    """The docstring's exact case: rows are the clip units and every micro-batch has 2 rows with tokens."""
+    gen = torch.Generator().manual_seed(3)
+    log_ratio = 0.8 * torch.randn(8, 1, generator=gen, dtype=torch.float64) + 0.2 * torch.randn(
+        8, 5, generator=gen, dtype=torch.float64
+    )
+    mask = torch.rand(8, 5, generator=gen) < 0.8
+    mask[:, 0] = True
+    advantages = torch.randn(8, 1, generator=gen, dtype=torch.float64) * mask
+    config = actor_config(clip_level="sequence")
+    config.global_batch_info.update(dp_size=2, global_batch_size=8, batch_num_tokens=int(mask.sum()))
+    split = [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]
+    per_rank = [[call(config, advantages[r], log_ratio[r], mask[r])[1] for r in ranks] for ranks in split]
+    reported = verl_aggregate(per_rank)
+    # Whole-batch fractions from the definition: the row's mean log-ratio beyond the bound on its advantage's side.
+    row_mean = (log_ratio * mask).sum(-1) / mask.sum(-1)
+    adv = advantages[:, 0]
+    assert 0 < ((adv > 0) & (row_mean > 0.4)).sum() and 0 < ((adv < 0) & (row_mean < -0.4)).sum()
+    assert reported["actor/pg_clipfrac"] == pytest.approx(float(((adv > 0) & (row_mean > 0.4)).double().mean()))
+    assert reported["actor/pg_clipfrac_lower"] == pytest.approx(float(((adv < 0) & (row_mean < -0.4)).double().mean()))
