@@ -60,7 +60,8 @@ def compute_policy_loss_gmpo(
 
     Returns:
         (loss, metrics): loss = D * (-(1/N) sum_{i in B} A_i w_i), a scalar carrying gradient; metrics: detached
-        0-d tensors (see `gmpo_metrics`).
+        0-d tensors (see `gmpo_metrics`; verl's `Metric` reads them to the host). The only host sync here is the
+        check that the advantages are constant along each row.
     """
     if config is None:
         raise ValueError("loss_mode=gmpo needs verl's actor config (config=...): it holds the clip bounds.")
