@@ -7,8 +7,6 @@ exit status 2, before anything is written to the output directory.
 import sys
 import warnings
 
-from gmpo import missing_extra_message
-
 USAGE = """usage: gmpo <command> [options]
 
 commands:
@@ -45,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run = _load_command(command)
         except ModuleNotFoundError as err:
+            from gmpo import missing_extra_message
+
             message = missing_extra_message(err, f"`gmpo {command}`", "trl")
             if message is None:
                 raise

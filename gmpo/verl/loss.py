@@ -68,12 +68,10 @@ def compute_policy_loss_gmpo(
     options = gmpo_options(config)
     _warn_loss_agg_mode(loss_agg_mode)
     num_rows, dp_size = _global_batch(config.get("global_batch_info", None) or {}, log_prob.size(0))
-    mask = response_mask.to(log_prob.dtype)
-    log_ratio = log_prob - old_log_prob
     out = gmpo_objective(
-        log_ratio,
-        mask,
-        row_advantages(advantages, mask),
+        log_prob - old_log_prob,
+        response_mask,
+        row_advantages(advantages, response_mask),
         options.eps_low,
         options.eps_high,
         delta=options.delta,
@@ -83,7 +81,7 @@ def compute_policy_loss_gmpo(
         token_weight=rollout_is_weights,
         num_rows=num_rows,
     )
-    return out.loss * dp_size, gmpo_metrics(out.stats, log_ratio, mask)
+    return out.loss * dp_size, gmpo_metrics(out.stats)
 
 
 def _global_batch(info: dict, local_rows: int) -> tuple[int, int]:
@@ -114,7 +112,7 @@ def _warn_loss_agg_mode(loss_agg_mode: str) -> None:
     )
 
 
-def gmpo_metrics(stats: GMPOStats, log_ratio: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+def gmpo_metrics(stats: GMPOStats) -> dict[str, torch.Tensor]:
     """This micro-batch's metrics in verl's names, as detached 0-d tensors (no host sync here).
 
     "Clip units" are tokens for clip_level="token" and rows for the sequence levels; the clip is one-sided by the
@@ -139,13 +137,10 @@ def gmpo_metrics(stats: GMPOStats, log_ratio: torch.Tensor, mask: torch.Tensor) 
     """
     units = stats.clip_units.clamp(min=1)
     rows = stats.num_rows
-    valid = mask > 0
-    tokens = valid.sum()
-    neg_log_ratio = torch.where(valid, -log_ratio.detach(), 0.0).sum() / tokens.clamp(min=1)
     return {
         "actor/pg_clipfrac": stats.high_clipped / units,
         "actor/pg_clipfrac_lower": stats.low_clipped / units,
-        "actor/ppo_kl": neg_log_ratio,
+        "actor/ppo_kl": -stats.log_ratio_sum / stats.num_tokens.clamp(min=1),
         "actor/gmpo/log_ratio_max": torch.where(stats.log_ratio_max == -math.inf, 0.0, stats.log_ratio_max),
         "actor/gmpo/log_ratio_min": torch.where(stats.log_ratio_min == math.inf, 0.0, stats.log_ratio_min),
         "actor/gmpo/seq_weight_mean": torch.where(rows > 0, stats.seq_weight_sum / rows.clamp(min=1), 1.0),
