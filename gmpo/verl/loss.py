@@ -45,7 +45,7 @@ def compute_policy_loss_gmpo(
             old_log_prob (log space).
         advantages: (B, T) A_i broadcast over the row; must be constant over the row's valid tokens (ValueError
             otherwise: GMPO weights a whole row by one advantage).
-        response_mask: (B, T) 1 (True) for the tokens in the mean, |o_i| = sum_t mask_it.
+        response_mask: (B, T) True (nonzero) for the tokens in the mean, |o_i| = sum_t mask_it.
         loss_agg_mode: not an option of GMPO, whose aggregation is always the row mean above. Any value verl accepts
             is allowed (verl still applies it to its entropy and KL terms); a value other than
             "seq-mean-token-mean" logs a warning once per process and changes nothing here.
@@ -68,10 +68,11 @@ def compute_policy_loss_gmpo(
     options = gmpo_options(config)
     _warn_loss_agg_mode(loss_agg_mode)
     num_rows, dp_size = _global_batch(config.get("global_batch_info", None) or {}, log_prob.size(0))
+    valid = response_mask.bool()  # verl's ppo_loss passes a bool mask: then this is the mask itself
     out = gmpo_objective(
         log_prob - old_log_prob,
-        response_mask,
-        row_advantages(advantages, response_mask),
+        valid,
+        row_advantages(advantages, valid),
         options.eps_low,
         options.eps_high,
         delta=options.delta,
