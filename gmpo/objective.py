@@ -40,6 +40,8 @@ class GMPOStats(NamedTuple):
     seq_weight_max: torch.Tensor  # -inf when no row has a valid token
     seq_weight_min: torch.Tensor  # +inf when no row has a valid token
     num_rows: torch.Tensor  # rows with at least one valid token
+    log_ratio_sum: torch.Tensor  # sum of r_it over valid tokens
+    num_tokens: torch.Tensor  # valid tokens (the sum of |o_i|)
 
 
 class GMPOOutput(NamedTuple):
@@ -85,6 +87,26 @@ def log_power_mean(log_x: torch.Tensor, valid: torch.Tensor, power: float) -> to
     large = (torch.logsumexp(torch.where(alive, d, 0.0), dim=-1) - n.log()) / power  # no all -inf softmax
     log_mean = center.squeeze(-1) + torch.where(near, small, large)
     return torch.where(count == 0, 0.0, torch.where(alive.squeeze(-1), log_mean, -math.inf))
+
+
+def row_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) advantages from (B,) or (B, T); a (B, T) tensor must be constant over each row's valid tokens."""
+    if advantages.dim() == 1:
+        return advantages
+    if advantages.dim() != 2:
+        raise ValueError(f"advantages must have shape (B,) or (B, T), got {tuple(advantages.shape)}")
+    if advantages.size(1) == 1:
+        return advantages[:, 0]
+    valid = _valid(mask)
+    highest = torch.where(valid, advantages, -math.inf).amax(-1)
+    lowest = torch.where(valid, advantages, math.inf).amin(-1)
+    has_tokens = valid.any(-1)
+    if bool(((highest != lowest) & has_tokens).any()):
+        raise ValueError(
+            "GMPO weights a whole row by one advantage A_i, but the (B, T) advantages vary along a row's valid "
+            "tokens. Provide one advantage per completion (shape (B,), or (B, T) constant along each row)."
+        )
+    return torch.where(has_tokens, highest, 0.0)
 
 
 def gmpo_objective(
@@ -139,7 +161,7 @@ def gmpo_objective(
             f"clip_level={clip_level!r}, length_normalization={length_normalization!r}"
         )
     dtype = torch.promote_types(log_ratio.dtype, torch.float32)
-    valid = mask > 0
+    valid = _valid(mask)
     if token_weight is not None:
         token_weight = token_weight.detach().to(dtype)
         if mean_power <= 0 or clip_level != "token":
@@ -197,8 +219,15 @@ def gmpo_objective(
             seq_weight_max=_masked_extreme(weights, has_tokens, torch.amax, -math.inf),
             seq_weight_min=_masked_extreme(weights, has_tokens, torch.amin, math.inf),
             num_rows=has_tokens.sum().to(dtype),
+            log_ratio_sum=log_ratio.detach().sum(),
+            num_tokens=token_count.sum().to(dtype),
         )
     return GMPOOutput(loss=loss, per_row_loss=per_row_loss, seq_weight=seq_weight, stats=stats)
+
+
+def _valid(mask: torch.Tensor) -> torch.Tensor:
+    """mask > 0, without a comparison when the mask is already boolean."""
+    return mask if mask.dtype == torch.bool else mask > 0
 
 
 def _masked_extreme(x: torch.Tensor, valid: torch.Tensor, reduce, empty: float) -> torch.Tensor:

@@ -10,7 +10,7 @@ from trl.trainer.utils import get_config_model_id
 from .config import GMPOConfig
 from .guards import NonFiniteGradientGuard, name_reward_errors
 from .metrics import MetricPack
-from .objective import gmpo_objective, k3_kl
+from .objective import gmpo_objective, k3_kl, row_advantages
 from .resumable import ExactResumeMixin
 
 logger = logging.getLogger(__name__)
@@ -309,22 +309,3 @@ class GMPOTrainer(ExactResumeMixin, GRPOTrainer):
             logs["nonfinite_steps_skipped"] = self._nonfinite_guard.skipped
         super().log(logs, start_time)
 
-
-def row_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B,) advantages from (B,) or (B, T); a (B, T) tensor must be constant over each row's valid tokens."""
-    if advantages.dim() == 1:
-        return advantages
-    if advantages.dim() != 2:
-        raise ValueError(f"advantages must have shape (B,) or (B, T), got {tuple(advantages.shape)}")
-    if advantages.size(1) == 1:
-        return advantages[:, 0]
-    valid = mask > 0
-    highest = torch.where(valid, advantages, -math.inf).amax(-1)
-    lowest = torch.where(valid, advantages, math.inf).amin(-1)
-    has_tokens = valid.any(-1)
-    if bool(((highest != lowest) & has_tokens).any()):
-        raise ValueError(
-            "GMPO weights a whole row by one advantage A_i, but the (B, T) advantages vary along a row's valid "
-            "tokens. Provide one advantage per completion (shape (B,), or (B, T) constant along each row)."
-        )
-    return torch.where(has_tokens, highest, 0.0)

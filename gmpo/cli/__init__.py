@@ -36,10 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     # trainer's is_gradient_checkpointing call): not the user's to fix, and they would bury a one-line error.
     warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated", category=FutureWarning)
     command, rest = argv[0], argv[1:]
-    if command == "train":
-        from gmpo.cli.train import train as run
-    elif command == "plot":
-        from gmpo.cli.plot import plot_command as run
+    if command in ("train", "plot"):
+        try:
+            run = _load_command(command)
+        except ModuleNotFoundError as err:
+            from gmpo import missing_extra_message
+
+            message = missing_extra_message(err, f"`gmpo {command}`", "trl")
+            if message is None:
+                raise
+            print(f"gmpo {command}: error: {message}", file=sys.stderr)
+            return 2
     else:
         from gmpo.cli.flags import closest
 
@@ -52,3 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as err:
         return report(command, err)
     return 0
+
+
+def _load_command(command: str):
+    if command == "train":
+        from gmpo.cli.train import train
+
+        return train
+    from gmpo.cli.plot import plot_command
+
+    return plot_command
