@@ -2,6 +2,8 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests_verl/engine_worker.py MODEL_DIR OUT_JSON
 
+MODEL_DIR gets a tiny randomly initialised Qwen2 (seed 0, built here: no download) unless it already holds one.
+
 Each rank builds verl's `FSDPEngineWithLMHead` (FSDP2, fp32, gloo; FSDP1 needs a GPU to sync module states) on the tiny model in MODEL_DIR, takes its half of a
 seeded mini-batch of N rows (in verl's no-padding layout, made by verl's `left_right_2_no_padding`) and calls the
 engine's `forward_backward_batch` with verl's `ppo_loss`, as verl's actor update does: verl splits the rows into
@@ -120,6 +122,19 @@ def rank_data(batch: dict, old: torch.Tensor, rank: int, world: int):
     return left_right_2_no_padding(TensorDict(fields, batch_size=[mask.shape[0]]))
 
 
+def save_tiny_model(model_dir: str) -> None:
+    """A 2-layer Qwen2 (hidden 32, vocabulary 64), seed 0, saved like a hub checkpoint; rank 0 writes it."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if dist.get_rank() == 0 and not os.path.exists(os.path.join(model_dir, "config.json")):
+        torch.manual_seed(0)
+        config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             tie_word_embeddings=False)
+        Qwen2ForCausalLM(config).save_pretrained(model_dir)
+    dist.barrier()
+
+
 def build_engine(model_dir: str):
     from verl.trainer.config import CheckpointConfig
     from verl.workers.config import FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig
@@ -193,6 +208,7 @@ def main(model_dir: str, out_path: str) -> None:
     import verl  # noqa: F401  (loads the verl.plugins entry points: loss_mode=gmpo)
     from transformers import AutoModelForCausalLM
 
+    save_tiny_model(model_dir)
     engine = build_engine(model_dir)
     reference_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64,
                                                            attn_implementation="eager")
@@ -218,7 +234,17 @@ def main(model_dir: str, out_path: str) -> None:
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump({"world_size": world, "strategy": STRATEGY, "cases": results}, f, indent=1)
+        print_table(results, world)
     dist.destroy_process_group()
+
+
+def print_table(results: dict, world: int) -> None:
+    print(f"\nRelative gradient error vs the float64 whole batch: {world} ranks, {STRATEGY}, {ROWS} rows, micro-batches per rank")
+    print("| batch / loss_mode | " + " | ".join(f"{s} micro-batches" if s != "dynamic" else "dynamic batching" for s in SPLITS) + " |")
+    print("|---" * (len(SPLITS) + 1) + "|")
+    for key in dict.fromkeys(k.rsplit("/", 1)[0] for k in results):
+        print(f"| {key} | " + " | ".join(f"{results[f'{key}/{s}']['relative_error']:.1e}" for s in SPLITS) + " |")
+    print(f"dynamic micro-batch rows per rank: {results[next(iter(results)).rsplit('/', 1)[0] + '/dynamic']['micro_batch_rows']}")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 TOL = 1e-5
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -29,13 +27,8 @@ ROWS_PER_RANK = 8
 
 @pytest.fixture(scope="module")
 def engine_run(tmp_path_factory):
-    """The worker's results for every case, from one 2-process run on a tiny random Qwen2 (no download)."""
+    """The worker's results for every case, from one 2-process run on a tiny random Qwen2 it builds (no download)."""
     model_dir = tmp_path_factory.mktemp("tiny-qwen2")
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    Qwen2ForCausalLM(config).save_pretrained(model_dir)
     out = model_dir / "results.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(HERE, "engine_worker.py"), str(model_dir), str(out)]
