@@ -152,9 +152,11 @@ def build_engine(model_dir: str):
     return engine
 
 
-def actor_config(loss_mode: str):
+def actor_config(case: str):
+    """verl's actor config for a case "loss_mode" or "loss_mode@loss_agg_mode" (default seq-mean-token-mean)."""
     from verl.workers.config import FSDPActorConfig, OptimizerConfig, PolicyLossConfig
 
+    loss_mode, _, loss_agg_mode = case.partition("@")
     policy_loss = PolicyLossConfig(loss_mode=loss_mode)
     if loss_mode == "gmpo":
         from gmpo.verl import GMPOPolicyLossConfig
@@ -163,7 +165,8 @@ def actor_config(loss_mode: str):
     return FSDPActorConfig(
         strategy=STRATEGY, ppo_mini_batch_size=ROWS, ppo_micro_batch_size_per_gpu=1, use_dynamic_bsz=False,
         clip_ratio=EPS, clip_ratio_low=EPS, clip_ratio_high=EPS, clip_ratio_c=DUAL_CLIP, entropy_coeff=0.0,
-        loss_agg_mode="seq-mean-token-mean", policy_loss=policy_loss, optim=OptimizerConfig(lr=0.0), rollout_n=1,
+        loss_agg_mode=loss_agg_mode or "seq-mean-token-mean", policy_loss=policy_loss, optim=OptimizerConfig(lr=0.0),
+        rollout_n=1,
     )
 
 
@@ -212,7 +215,8 @@ def main(model_dir: str, out_path: str) -> None:
     engine = build_engine(model_dir)
     reference_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64,
                                                            attn_implementation="eager")
-    cases = {"main": ["vanilla", "geo_mean", "gmpo"], "dual_is": ["geo_mean", "gmpo"]}
+    # gmpo@token-mean: verl's default loss_agg_mode, which the example keeps; GMPO's loss must not change
+    cases = {"main": ["vanilla", "geo_mean", "gmpo", "gmpo@token-mean"], "dual_is": ["geo_mean", "gmpo"]}
     results = {}
     for batch_name, loss_modes in cases.items():
         batch = make_batch(seed=0, dual=batch_name == "dual_is")
@@ -239,12 +243,14 @@ def main(model_dir: str, out_path: str) -> None:
 
 
 def print_table(results: dict, world: int) -> None:
-    print(f"\nRelative gradient error vs the float64 whole batch: {world} ranks, {STRATEGY}, {ROWS} rows, micro-batches per rank")
-    print("| batch / loss_mode | " + " | ".join(f"{s} micro-batches" if s != "dynamic" else "dynamic batching" for s in SPLITS) + " |")
+    print(f"\nRelative gradient error vs the float64 whole batch: {world} ranks, {STRATEGY}, {ROWS} rows")
+    heads = [f"{s} micro-batches / rank" if s != "dynamic" else "dynamic batching" for s in SPLITS]
+    print("| batch / loss_mode | " + " | ".join(heads) + " |")
     print("|---" * (len(SPLITS) + 1) + "|")
     for key in dict.fromkeys(k.rsplit("/", 1)[0] for k in results):
         print(f"| {key} | " + " | ".join(f"{results[f'{key}/{s}']['relative_error']:.1e}" for s in SPLITS) + " |")
-    print(f"dynamic micro-batch rows per rank: {results[next(iter(results)).rsplit('/', 1)[0] + '/dynamic']['micro_batch_rows']}")
+    first = next(iter(results)).rsplit("/", 1)[0]
+    print(f"rows of each micro-batch, per rank, with dynamic batching: {results[first + '/dynamic']['micro_batch_rows']}")
 
 
 if __name__ == "__main__":
