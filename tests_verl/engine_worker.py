@@ -4,8 +4,8 @@
 
 MODEL_DIR gets a tiny randomly initialised Qwen2 (seed 0, built here: no download) unless it already holds one.
 
-Each rank builds verl's `FSDPEngineWithLMHead` (FSDP2, fp32, gloo; FSDP1 needs a GPU to sync module states) on the tiny model in MODEL_DIR, takes its half of a
-seeded mini-batch of N rows (in verl's no-padding layout, made by verl's `left_right_2_no_padding`) and calls the
+Each rank builds verl's `FSDPEngineWithLMHead` (FSDP2, fp32, gloo; FSDP1 needs a GPU to sync module states) on the
+tiny model in MODEL_DIR, takes its half of a seeded mini-batch of N rows (in verl's no-padding layout, made by verl's `left_right_2_no_padding`) and calls the
 engine's `forward_backward_batch` with verl's `ppo_loss`, as verl's actor update does: verl splits the rows into
 micro-batches (`prepare_micro_batches`: fixed `micro_batch_size_per_gpu`, or dynamic batching by token count),
 back-propagates each micro-batch's loss and averages the gradients over the ranks. Rank 0 writes, per case, the
@@ -15,7 +15,7 @@ The reference is the whole mini-batch in float64, one forward per row, through t
     GMPO (Eq. 4):  L = -(1/N) sum_i A_i w_i,   w_i = exp(mean_t min(c_it, log delta)) * (prod_t u_it)^(1/|o_i|)
                    c_it = min(r_it, eps_high) if A_i > 0 else max(r_it, -eps_low),  r_it = log pi - log pi_old
     PPO (verl's vanilla loss, seq-mean-token-mean): L = (1/N) sum_i mean_t l_it,
-                   l_it = max(-A_i rho_it, -A_i clip(rho_it, 1 - eps, 1 + eps)), for A_i < 0 capped at -A_i c
+                   l_it = max(-A_i rho_it, -A_i clip(rho_it, 1 - eps, 1 + eps)), for A_i < 0 capped at -A_i delta
 """
 
 import json
@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cpu_platform import use_cpu_platform  # noqa: E402
+from reference import reference_loss  # noqa: E402
 
 ROWS, PROMPT, RESPONSE, VOCAB = 16, 4, 10, 64  # N rows over all ranks; max prompt and response lengths
 STRATEGY = "fsdp2"  # FSDP1 needs a GPU: its sync_module_states refuses CPU parameters
@@ -38,7 +39,7 @@ MAX_TOKENS_PER_MICRO_BATCH = 16
 
 
 def make_batch(seed: int, dual: bool) -> dict:
-    """Rows with random prompt lengths and short or long responses, per-row advantages and log-ratio offsets r_it = -offset_it.
+    """Rows of random prompt lengths and short or long responses, advantages A_i, log-ratios r_it = -offset_it.
 
     dual=True: the rows with A_i < 0 get ratios up to e^1.6 (past the dual clip's 3 = e^1.1) and every token an
     IS weight u_it in [0.5, 1.5].
@@ -73,33 +74,30 @@ def row_log_probs(model, batch: dict) -> list[torch.Tensor]:
     return out
 
 
-def gmpo_reference(log_ratio: torch.Tensor, adv: float, is_weights) -> torch.Tensor:
-    """A_i w_i for one row."""
-    clipped = log_ratio.clamp(max=EPS) if adv > 0 else log_ratio.clamp(min=-EPS)
-    w = torch.exp(clipped.clamp(max=math.log(DUAL_CLIP)).mean())
-    if is_weights is not None:
-        w = w * torch.exp(is_weights.log().mean())
-    return -adv * w
+def gmpo_reference(rows: list) -> torch.Tensor:
+    """-(1/N) sum_i A_i w_i, the shared float64 loop of tests_verl/reference.py (token clip, verl's dual clip)."""
+    return reference_loss(rows, EPS, EPS, delta=DUAL_CLIP)
 
 
-def ppo_reference(log_ratio: torch.Tensor, adv: float, is_weights) -> torch.Tensor:
-    """mean_t l_it for one row (verl's vanilla clip in ratio space, with its dual clip)."""
-    ratio = log_ratio.exp()
-    loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - EPS, 1 + EPS))
-    if adv < 0:
-        loss = loss.clamp(max=-adv * DUAL_CLIP)
-    return loss.mean()
-
-
-def reference_grad(model, batch: dict, old: torch.Tensor, row_loss) -> dict:
-    """Gradient of (1/N) sum_i row_loss_i over the whole mini-batch, float64."""
-    model.zero_grad()
+def ppo_reference(rows: list) -> torch.Tensor:
+    """(1/N) sum_i mean_t l_it: verl's vanilla clip in ratio space, with its dual clip for A_i < 0."""
     total = 0.0
+    for log_prob, old, adv, _ in rows:
+        ratio = (log_prob - old).exp()
+        loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - EPS, 1 + EPS))
+        total = total + (loss.clamp(max=-adv * DUAL_CLIP) if adv < 0 else loss).mean()
+    return total / len(rows)
+
+
+def reference_grad(model, batch: dict, old: torch.Tensor, reference) -> dict:
+    """Gradient of the whole mini-batch's reference loss, float64, one (log_prob, old, A_i, u_i) tuple per row."""
+    model.zero_grad()
+    rows = []
     for i, log_prob in enumerate(row_log_probs(model, batch)):
         n = len(log_prob)
         is_w = None if batch["is_weights"] is None else batch["is_weights"][i, :n].double()
-        total = total + row_loss(log_prob - old[i, :n].double(), float(batch["advantages"][i]), is_w)
-    (total / ROWS).backward()
+        rows.append((log_prob, old[i, :n].double(), float(batch["advantages"][i]), is_w))
+    reference(rows).backward()
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
@@ -226,8 +224,8 @@ def main(model_dir: str, out_path: str) -> None:
                 old[i, : len(log_prob)] = (log_prob + batch["offset"][i, : len(log_prob)]).float()
         data = rank_data(batch, old, rank, world)
         for loss_mode in loss_modes:
-            row_loss = ppo_reference if loss_mode == "vanilla" else gmpo_reference
-            reference = reference_grad(reference_model, batch, old, row_loss)
+            reference_fn = ppo_reference if loss_mode == "vanilla" else gmpo_reference
+            reference = reference_grad(reference_model, batch, old, reference_fn)
             config = actor_config(loss_mode)
             for split in SPLITS:
                 grads, rows = engine_grad(engine, data, config, split)
