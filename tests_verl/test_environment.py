@@ -64,9 +64,14 @@ def test_verls_fsdp_model_build_path_runs_without_trl():
     assert result.returncode == 0 and result.stdout.strip().endswith("built"), result.stderr[-2000:]
 
 
-def test_a_plain_import_verl_registers_gmpo():
-    result = run_python("import verl\n" + REGISTERED)
-    assert result.stdout.split() == ["True", "gmpo.verl.loss"], result.stderr[-2000:]
+def test_a_plain_import_verl_registers_gmpo_and_loads_no_trl():
+    code = (
+        "import sys, verl\n"
+        + REGISTERED
+        + "\nimport gmpo\nprint(sorted(m for m in sys.modules if m.split('.')[0] == 'trl'))"
+    )
+    result = run_python(code)
+    assert result.stdout.split() == ["True", "gmpo.verl.loss", "[]"], result.stdout + result.stderr[-2000:]
 
 
 def test_verl_use_external_modules_loads_it_without_the_entry_point():
@@ -76,13 +81,6 @@ def test_verl_use_external_modules_loads_it_without_the_entry_point():
         "import verl\n" + REGISTERED, VERL_USE_EXTERNAL_PLUGINS="none", VERL_USE_EXTERNAL_MODULES="gmpo.verl"
     )
     assert on.stdout.split() == ["True", "gmpo.verl.loss"], on.stderr[-2000:]
-
-
-def test_import_gmpo_and_the_adapter_bring_no_trl():
-    result = run_python(
-        "import sys, gmpo, gmpo.verl\nprint(sorted(m for m in sys.modules if m.split('.')[0] == 'trl'))"
-    )
-    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr[-2000:]
 
 
 def test_the_trl_classes_and_command_say_what_to_install():

@@ -60,7 +60,8 @@ def compute_policy_loss_gmpo(
 
     Returns:
         (loss, metrics): loss = D * (-(1/N) sum_{i in B} A_i w_i), a scalar carrying gradient; metrics: detached
-        0-d tensors (see `gmpo_metrics`).
+        0-d tensors (see `gmpo_metrics`; verl's `Metric` reads them to the host). The only host sync here is the
+        check that the advantages are constant along each row.
     """
     if config is None:
         raise ValueError("loss_mode=gmpo needs verl's actor config (config=...): it holds the clip bounds.")
@@ -123,6 +124,8 @@ def gmpo_metrics(stats: GMPOStats, log_ratio: torch.Tensor, mask: torch.Tensor) 
         actor/ppo_kl              mean over valid tokens of -r_it (verl's own estimate)
         actor/gmpo/log_ratio_max, _min                         extremes of r_it over valid tokens
         actor/gmpo/seq_weight_mean, _max, _min                 of w_i over rows with a valid token
+    The two clip fractions keep the meanings of verl's `geo_mean` (upper / lower bound), not vanilla PPO's (where
+    pg_clipfrac_lower counts the dual clip), but count only the side the loss clips.
     A micro-batch without a valid token reports fractions 0, log-ratios 0 and weights 1 (the on-policy values), so
     it cannot turn verl's mean into inf or NaN.
 
