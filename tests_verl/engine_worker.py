@@ -133,7 +133,7 @@ def save_tiny_model(model_dir: str) -> None:
     dist.barrier()
 
 
-def build_engine(model_dir: str):
+def build_engine(model_dir: str, lr: float = 0.0):
     from verl.trainer.config import CheckpointConfig
     from verl.workers.config import FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig
     from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
@@ -145,7 +145,7 @@ def build_engine(model_dir: str):
     engine_config = FSDPEngineConfig(strategy=STRATEGY, mixed_precision=fp32, use_torch_compile=False,
                                      use_orig_params=True)
     engine = FSDPEngineWithLMHead(model_config=model, engine_config=engine_config,
-                                  optimizer_config=FSDPOptimizerConfig(lr=0.0), checkpoint_config=CheckpointConfig())
+                                  optimizer_config=FSDPOptimizerConfig(lr=lr), checkpoint_config=CheckpointConfig())
     engine.initialize()
     return engine
 
