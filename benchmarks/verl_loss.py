@@ -69,7 +69,7 @@ def make_batch(rows: int, length: int, seed: int) -> dict:
     """
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(max(1, length // 8), length + 1, (rows,), generator=g)
-    mask = (torch.arange(length) < lengths[:, None]).float()
+    mask = torch.arange(length) < lengths[:, None]  # bool, as verl's ppo_loss passes response_mask
     old_log_prob = -torch.rand(rows, length, generator=g) * 3
     log_ratio = (0.3 * torch.randn(rows, length, generator=g)).clamp(-1.0, 1.0)
     advantages = torch.randn(rows, generator=g)

@@ -98,15 +98,13 @@ def row_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     if advantages.size(1) == 1:
         return advantages[:, 0]
     valid = _valid(mask)
-    highest = torch.where(valid, advantages, -math.inf).amax(-1)
-    lowest = torch.where(valid, advantages, math.inf).amin(-1)
-    has_tokens = valid.any(-1)
-    if bool(((highest != lowest) & has_tokens).any()):
+    highest = torch.where(valid, advantages, -math.inf).amax(-1)  # -inf for a row without a valid token
+    if bool((valid & (advantages != highest.unsqueeze(-1))).any()):
         raise ValueError(
             "GMPO weights a whole row by one advantage A_i, but the (B, T) advantages vary along a row's valid "
             "tokens. Provide one advantage per completion (shape (B,), or (B, T) constant along each row)."
         )
-    return torch.where(has_tokens, highest, 0.0)
+    return torch.where(highest == -math.inf, 0.0, highest)
 
 
 def gmpo_objective(
