@@ -65,15 +65,17 @@ class RecordSteps(TrainerCallback):
         self.steps.append(state.global_step)
 
 
-def main(model_dir: str, output_dir: str, config: dict, kill) -> None:
-    config = dict(config)
-    num_prompts = config.pop("num_prompts", 16)  # 16 prompts: an epoch is a few optimizer steps, so runs cross one
+def start(model_dir: str, output_dir: str, config: dict, kill, final: str = "final") -> tuple[ChaosTrainer, list[int]]:
+    """One start of the job: a new trainer resumes from the newest complete checkpoint and saves its model to
+    OUTPUT_DIR/{final}; returns the trainer and the steps it ran."""
+    num_prompts = config.get("num_prompts", 16)  # 16 prompts: an epoch is a few optimizer steps, so runs cross one
     dataset = Dataset.from_dict({"prompt": [f"{10 + i}+{20 + i}=" for i in range(num_prompts)]})
+    settings = {k: v for k, v in config.items() if k not in ("num_prompts", "restart")}
     recorder = RecordSteps()
     trainer = ChaosTrainer(model=model_dir, reward_funcs=count_ones_reward, train_dataset=dataset,
-                           args=tiny_config(output_dir, save_strategy="steps", **config), callbacks=[recorder])
+                           args=tiny_config(output_dir, save_strategy="steps", **settings), callbacks=[recorder])
     trainer.kill = kill
-    if resume_hooks is not None:
+    if resume_hooks is not None and kill is not None:
         mark_complete = resume_hooks.mark_complete
 
         def die_before_marker(*args, **kwargs):
@@ -82,10 +84,22 @@ def main(model_dir: str, output_dir: str, config: dict, kill) -> None:
 
         resume_hooks.mark_complete = die_before_marker
     trainer.train(resume_from_checkpoint=True)
-    trainer.save_model(os.path.join(output_dir, "final"))
+    trainer.save_model(os.path.join(output_dir, final))
+    return trainer, recorder.steps
+
+
+def main(model_dir: str, output_dir: str, config: dict, kill) -> None:
+    """Start the job; with config["restart"], start it once more in this process after it finished (final-restart/)."""
+    trainer, steps = start(model_dir, output_dir, config, kill)
+    report = {"log_history": trainer.state.log_history, "trained_steps": steps,
+              "num_processes": trainer.accelerator.num_processes,
+              "distributed_type": str(trainer.accelerator.distributed_type)}
+    if config.get("restart"):
+        trainer, steps = start(model_dir, output_dir, config, None, final="final-restart")
+        report.update(restart_trained_steps=steps, restart_log_history=trainer.state.log_history)
     if trainer.accelerator.is_main_process:
         with open(os.path.join(output_dir, "report.json"), "w") as f:
-            json.dump({"log_history": trainer.state.log_history, "trained_steps": recorder.steps}, f)
+            json.dump(report, f)
     if trainer.accelerator.num_processes > 1:
         trainer.end()
 
