@@ -245,3 +245,16 @@ def test_gmpo_train_restart_at_the_end_of_training(cli_job):
     summary = json.loads((output_dir / "run_complete.json").read_text())
     assert summary["global_step"] == MAX_STEPS and summary["resumed_from"].endswith(f"checkpoint-{MAX_STEPS}")
     assert (output_dir / "model.safetensors").read_bytes() == finished["model.safetensors"], "the restart changed it"
+
+
+def test_nonfinite_gradient_policy_acts_under_deepspeed(tiny_model_dir, tmp_path):
+    # The engine steps inside backward and skips a non-finite step itself; the guard must still count it ("skip")
+    # or raise ("stop"), as without DeepSpeed (tests/test_reliability.py). Rank 1 alone has the NaN gradient.
+    script = os.path.join(ROOT, "tests", "scripts", "deepspeed_nonfinite.py")
+    ok(accelerate_launch(2, script, tiny_model_dir, str(tmp_path)))
+    run = report(tmp_path)
+    assert run["distributed_type"] == "DistributedType.DEEPSPEED"
+    assert run["changed"] == {"1": True, "2": True, "3": False, "4": True}, "the NaN step moved the weights"
+    assert run["skipped"] == {"1": 0, "2": 0, "3": 1, "4": 1}, "nonfinite_steps_skipped missed the skipped step"
+    assert run["stop_error"] and "optimizer step 3" in run["stop_error"], run["stop_error"]
+    assert run["stop_step"] == 2 and run["stop_finite"]
