@@ -34,7 +34,7 @@ CONFIG = {"max_steps": MAX_STEPS, "save_steps": SAVE_STEPS, "steps_per_generatio
 # On CPU, DeepSpeed needs use_cpu False (use_cpu=True takes accelerate's MULTI_CPU path, not DeepSpeed) and gloo.
 ON_CPU = {"use_cpu": False, "ddp_backend": "gloo"}
 # `gmpo train` with the settings of tests/conftest.py's tiny_config and CONFIG: the same computation as chaos_run.py.
-CLI_ARGS = ["--use_cpu", "false", "--ddp_backend", "gloo", "--bf16", "false", "--gradient_checkpointing", "false",
+CLI_ARGS = ["--bf16", "false", "--gradient_checkpointing", "false",
             "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_completion_length", "6",
             "--steps_per_generation", str(STEPS_PER_GENERATION), "--max_steps", str(MAX_STEPS),
             "--save_steps", str(SAVE_STEPS), "--save_strategy", "steps", "--learning_rate", "0.05",
@@ -67,8 +67,8 @@ def api_run(stage: int, model_dir, output_dir, kill=None, **config) -> subproces
 
 def gmpo_train(stage: int, model_dir, dataset, output_dir, **env_extra) -> subprocess.CompletedProcess:
     return accelerate_launch(stage, "-m", "gmpo", "train", "--model_name_or_path", model_dir, "--dataset_name",
-                             str(dataset), "--output_dir", str(output_dir), *CLI_ARGS,
-                             "--resume_from_checkpoint", "true", **env_extra)
+                             str(dataset), "--output_dir", str(output_dir), *CLI_ARGS, "--use_cpu", "false",
+                             "--ddp_backend", "gloo", "--resume_from_checkpoint", "true", **env_extra)
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -245,6 +245,21 @@ def test_gmpo_train_restart_at_the_end_of_training(cli_job):
     summary = json.loads((output_dir / "run_complete.json").read_text())
     assert summary["global_step"] == MAX_STEPS and summary["resumed_from"].endswith(f"checkpoint-{MAX_STEPS}")
     assert (output_dir / "model.safetensors").read_bytes() == finished["model.safetensors"], "the restart changed it"
+
+
+@pytest.mark.parametrize("stage", [3], indirect=True, ids=["zero3"])
+def test_torchrun_with_a_deepspeed_config_equals_accelerate_launch(stage, tiny_model_dir, dataset, uninterrupted,
+                                                                   tmp_path):
+    # `--deepspeed CONFIG` under torchrun on CPU: use_cpu true (gloo); the same computation as accelerate launch.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gmpo",
+           "train", "--deepspeed", "tests/configs/ds_zero3_cpu.json", "--use_cpu", "true", "--model_name_or_path",
+           tiny_model_dir, "--dataset_name", str(dataset), "--output_dir", str(tmp_path), *CLI_ARGS]
+    ok(subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env()))
+    history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
+    assert_same_run(load_file(tmp_path / "model.safetensors"), {"log_history": history},
+                    load_weights(uninterrupted / "final"), report(uninterrupted), max_steps=MAX_STEPS)
+    assert_sharded(3, tmp_path / f"checkpoint-{SAVE_STEPS}", sum(t.numel() for t in load_file(
+        os.path.join(tiny_model_dir, "model.safetensors")).values()))
 
 
 def test_nonfinite_gradient_policy_acts_under_deepspeed(tiny_model_dir, tmp_path):
