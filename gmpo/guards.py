@@ -44,7 +44,9 @@ class NonFiniteGradientGuard(TrainerCallback):
         norm, self.grad_norm = self.grad_norm, None
         if norm is None:
             norm = torch.nn.utils.get_total_norm(grads)
-            if self.accelerator.num_processes > 1:
+            if hasattr(norm, "full_tensor"):  # FSDP2's DTensor shards: the norm of the whole gradient, already global
+                norm = norm.full_tensor()
+            elif self.accelerator.num_processes > 1:
                 norm = self.accelerator.reduce(norm.reshape(1), reduction="sum")
         if bool(torch.isfinite(torch.as_tensor(norm)).all()):
             return
