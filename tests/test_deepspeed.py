@@ -6,7 +6,7 @@ Per stage, one uninterrupted Python-API run is the reference; a Python-API job a
 SIGKILLed after a checkpoint inside a rollout, find a torn newer checkpoint, resume and must end bit for bit equal to
 it; both then restart once more from the end-of-training checkpoint. One DDP run (torchrun, same settings) checks
 that the sharded runs compute the same losses and GMPO statistics. Plain SGD, so that weights compare across
-engines. About 2.5 min on 2 idle cores (12 launches of ~10 s, most of it imports).
+engines. 15 launches of 2 processes, 6-15 s each on 2 lightly loaded cores (mostly imports): about 2 min in all.
 """
 
 import json
