@@ -31,7 +31,7 @@ ACCELERATE_CONFIGS = {2: "tests/configs/zero2-cpu.yaml", 3: "tests/configs/zero3
 MAX_STEPS, SAVE_STEPS, STEPS_PER_GENERATION = 6, 3, 4  # checkpoint-3 is inside the first rollout (steps 1-4)
 CONFIG = {"max_steps": MAX_STEPS, "save_steps": SAVE_STEPS, "steps_per_generation": STEPS_PER_GENERATION,
           "optim": "sgd", "num_prompts": 16}
-# On CPU, DeepSpeed needs use_cpu False (use_cpu=True takes accelerate's MULTI_CPU path, not DeepSpeed) and gloo.
+# DeepSpeed on CPU: use_cpu=False (as on GPUs) with gloo; the torchrun test takes the other way, use_cpu=True.
 ON_CPU = {"use_cpu": False, "ddp_backend": "gloo"}
 # `gmpo train` with the settings of tests/conftest.py's tiny_config and CONFIG: the same computation as chaos_run.py.
 CLI_ARGS = ["--bf16", "false", "--gradient_checkpointing", "false",
@@ -43,8 +43,8 @@ CLI_ARGS = ["--bf16", "false", "--gradient_checkpointing", "false",
 # The DeepSpeed and DDP runs differ only in how float32 gradients are summed across the 2 ranks (ZeRO's
 # reduce-scatter vs DDP's all-reduce): ~1 ulp (6e-8 relative) per gradient, a few ulps in the weights after a few SGD
 # steps. A log-prob of magnitude <= 8 then moves by a few ulp(8) = 9.5e-7, and losses, ratios and weights (all of
-# magnitude <= ~4) by a few e-7: abs 2e-6 and rel 1e-5 leave a factor ~8 over the largest difference seen (2.4e-7).
-# A rank that trained on its own gradient alone would differ by ~1e-2.
+# magnitude <= ~4) by a few e-7: abs 2e-6 and rel 1e-5 leave a factor ~8 over the largest difference seen here
+# (2.4e-7, a log-ratio extreme at step 3 under ZeRO-3).
 TOL = dict(rel=1e-5, abs=2e-6)
 
 

@@ -1,13 +1,15 @@
 """Checkpointed GMPO training on the tiny model that a test kills with SIGKILL and restarts, as a job script would.
 
-Usage (PYTHONPATH = repository root; also under `torchrun --nproc_per_node 2`):
+Usage (PYTHONPATH = repository root; also under `torchrun --nproc_per_node 2` or `accelerate launch`):
     python chaos_run.py MODEL_DIR OUTPUT_DIR CONFIG_JSON [KIND STEP RANK]
 
 Every start calls `train(resume_from_checkpoint=True)`. With KIND STEP RANK, process RANK sends itself SIGKILL at one
 moment of optimizer step STEP + 1 (KIND "generate": while scoring a new rollout; "loss": in a loss computation) or
 while writing checkpoint-STEP (KIND "save": weights and optimizer written, trainer_state.json not yet; "marker":
 every file written but the completion marker). A run that finishes writes OUTPUT_DIR/final/model.safetensors and,
-on rank 0, OUTPUT_DIR/report.json: the log history and the optimizer steps this start ran.
+on rank 0, OUTPUT_DIR/report.json: the log history, the optimizer steps this start ran and the distributed setup.
+CONFIG_JSON holds GMPOConfig fields, plus "num_prompts" and "restart" (true: once finished, start the job again in
+the same process, writing OUTPUT_DIR/final-restart/ and the restart's steps and log history to the report).
 """
 
 import json
