@@ -14,11 +14,15 @@ logger = logging.getLogger(__name__)
 NONFINITE_GRAD_POLICIES = ("skip", "stop")
 
 
+class NonFiniteGradientError(RuntimeError):
+    """A gradient held NaN or inf with nonfinite_grad_policy="stop"; the message names the optimizer step."""
+
+
 class NonFiniteGradientGuard(TrainerCallback):
     """Checks the gradients before every optimizer step; a NaN or inf anywhere never reaches the weights.
 
     policy "skip": every parameter's grad is set to None, so the optimizer leaves the weights (and its moments)
-    untouched for that step; `skipped` counts such steps. policy "stop": RuntimeError.
+    untouched for that step; `skipped` counts such steps. policy "stop": `NonFiniteGradientError` (a RuntimeError).
     The check reads the global gradient norm (the one computed for clipping, else a reduced local norm), so every
     rank takes the same decision, sharded gradients included.
 
@@ -56,7 +60,7 @@ class NonFiniteGradientGuard(TrainerCallback):
 
     def _skip_or_stop(self, step: int) -> None:
         if self.policy == "stop":
-            raise RuntimeError(
+            raise NonFiniteGradientError(
                 f"Non-finite gradient at optimizer step {step}: stopping (nonfinite_grad_policy='stop'). "
                 "Set nonfinite_grad_policy='skip' to skip such steps instead."
             )
@@ -70,7 +74,7 @@ class NonFiniteGradientGuard(TrainerCallback):
             return
         step = state.global_step + 1
         if not self.accelerator.optimizer_step_was_skipped:
-            raise RuntimeError(
+            raise NonFiniteGradientError(
                 f"Non-finite gradient at optimizer step {step} (global norm {norm}), and DeepSpeed applied the step: "
                 "the weights may hold NaN/inf. DeepSpeed skips such steps unless its overflow check is off (ZeRO "
                 'stages 0-2 in bf16 with "bf16": {"check_grad_overflow": false}); set "check_grad_overflow": true in '

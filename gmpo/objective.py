@@ -204,3 +204,34 @@ def gmpo_objective(
 def _masked_extreme(x: torch.Tensor, valid: torch.Tensor, reduce, empty: float) -> torch.Tensor:
     filled = torch.where(valid, x.detach(), empty)
     return reduce(filled) if filled.numel() else torch.tensor(empty, dtype=x.dtype, device=x.device)
+
+
+def k3_kl(
+    ref_logps: torch.Tensor,
+    logps: torch.Tensor,
+    mask: torch.Tensor,
+    log_ratio: torch.Tensor | None = None,
+    clip_level: str = "token",
+) -> torch.Tensor:
+    """(B, T) per-token k3 estimate of KL(pi_theta || pi_ref), 0 outside `mask`; bias-corrected given `log_ratio`.
+
+    k3_it = exp(d_it) - d_it - 1, d_it = log pi_ref(o_it) - log pi_theta(o_it). The completions were sampled from
+    pi_old, so with `log_ratio` (the (B, T) r_it) each k3_it is multiplied by the unclipped importance weight of the
+    clip level's unit (gradient flows through it): exp(r_it) at "token"; at both sequence levels the row's geometric
+    mean ratio exp(s_i), s_i = (1/|o_i|) sum_t r_it over `mask` (TRL's coef_1 at importance_sampling_level=
+    "sequence"; at "sequence_product" it is exp(S_i / |o_i|), the quantity w_i is taken from, not the whole-sequence
+    ratio exp(S_i), whose variance grows exponentially with |o_i|).
+    """
+    valid = mask > 0
+    d = ref_logps - logps
+    kl = torch.exp(d) - d - 1
+    if log_ratio is not None:
+        if clip_level not in CLIP_LEVELS:
+            raise ValueError(f"clip_level must be one of {CLIP_LEVELS}, got {clip_level!r}")
+        if clip_level == "token":
+            kl = kl * torch.exp(log_ratio)
+        else:
+            log_ratio = torch.where(valid, log_ratio, 0.0)
+            mean_log_ratio = log_ratio.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
+            kl = kl * torch.exp(mean_log_ratio)
+    return torch.where(valid, kl, 0.0)

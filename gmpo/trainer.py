@@ -10,7 +10,7 @@ from trl.trainer.utils import get_config_model_id
 from .config import GMPOConfig
 from .guards import NonFiniteGradientGuard, name_reward_errors
 from .metrics import MetricPack
-from .objective import gmpo_objective
+from .objective import gmpo_objective, k3_kl
 from .resumable import ExactResumeMixin
 
 logger = logging.getLogger(__name__)
@@ -247,13 +247,9 @@ class GMPOTrainer(ExactResumeMixin, GRPOTrainer):
         return row_weight, token_weight
 
     def _per_token_kl(self, ref_per_token_logps, per_token_logps, log_ratio, mask):
-        """k3 estimator exp(d) - d - 1 with d = log pi_ref - log pi_theta, times the token ratio when
-        `use_bias_correction_kl`; zero outside `mask`."""
-        d = ref_per_token_logps - per_token_logps
-        per_token_kl = torch.exp(d) - d - 1
-        if self.args.use_bias_correction_kl:
-            per_token_kl = per_token_kl * torch.exp(log_ratio)
-        return torch.where(mask > 0, per_token_kl, 0.0)
+        """k3 KL per token (`gmpo.objective.k3_kl`), bias-corrected at the clip level when `use_bias_correction_kl`."""
+        correction = log_ratio if self.args.use_bias_correction_kl else None
+        return k3_kl(ref_per_token_logps, per_token_logps, mask, correction, self.args.importance_sampling_level)
 
     def _entropy_bonus(self, entropies, effective_mask, mode, accumulation, metrics):
         """coef * mean token entropy over the tokens the policy term acts on, as GRPOTrainer applies it; the

@@ -1,5 +1,5 @@
 """Bad input to `gmpo train` / `gmpo plot`: one line naming what is wrong and what is valid, exit status 2, nothing
-written; a reward function's bad output during training: one line naming it, exit status 1, no finished-looking run."""
+written; a reward function's bad output during training: one line naming it, exit status 3, no finished-looking run."""
 
 import json
 
@@ -154,7 +154,7 @@ def test_bad_reward_output_stops_with_one_line(capsys, tmp_path, monkeypatch, fu
                    "--per_device_train_batch_size", "8", "--num_generations", "4", "--report_to", "none"])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
-    assert status == 1 and "Traceback" not in err
+    assert status == 3 and "Traceback" not in err
     assert lines[-1].startswith(f"gmpo train: error: {message}"), lines[-1]
     assert lines[-1].endswith(f"(stopped; nothing was saved, {out} removed)")
     assert not out.exists(), "a failed run left its output directory behind"

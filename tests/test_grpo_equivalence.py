@@ -107,6 +107,28 @@ def test_p1_equals_grpo_with_kl(pair, bias_correction):
     assert_same(gmpo, grpo, inputs)
 
 
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_sequence_level_equals_grpo_with_kl(tiny_model_dir, prompt_dataset, tmp_path, bias_correction):
+    """importance_sampling_level="sequence" with p = 0: w_i = exp(clip(s_i)) is GRPO's sequence-level coef clipped to
+    (1 - e, 1 + eh), and with use_bias_correction_kl both weight each token's KL by exp(s_i) (TRL's coef_1)."""
+    common = dict(beta=0.3, use_bias_correction_kl=bias_correction, importance_sampling_level="sequence")
+    gmpo = GMPOTrainer(model=tiny_model_dir, reward_funcs=count_ones_reward, train_dataset=prompt_dataset,
+                       args=tiny_config(tmp_path / "gmpo", epsilon=math.log(1 / (1 - E)),
+                                        epsilon_high=math.log(1 + EH), **common))
+    grpo = GRPOTrainer(model=tiny_model_dir, reward_funcs=count_ones_reward, train_dataset=prompt_dataset,
+                       args=GRPOConfig(output_dir=str(tmp_path / "grpo"), loss_type="grpo", epsilon=E,
+                                       epsilon_high=EH, use_cpu=True, bf16=False, per_device_train_batch_size=8,
+                                       num_generations=4, report_to="none", **common))
+    for t in (gmpo, grpo):
+        t.model.double().train()
+        t.current_gradient_accumulation_steps = 2
+    inputs = make_inputs(gmpo.model, spread=0.5)  # mean log-ratios past both bounds on some rows
+    logps, _ = reference_logps_and_entropy(gmpo.model, inputs)
+    inputs["ref_per_token_logps"] = logps + 0.3 * torch.randn(logps.shape, dtype=torch.float64,
+                                                              generator=torch.Generator().manual_seed(2))
+    assert_same(gmpo, grpo, inputs)
+
+
 @pytest.mark.parametrize("power, mode", [(-1.0, "token_mask"), (2.0, "token_mask"), (-1.0, None)])
 def test_power_mean_through_the_trainer(trainer, power, mode):
     trainer.args.mean_power = power

@@ -157,22 +157,55 @@ def test_off_policy_mask_drops_negative_rows_that_drifted(trainer):
     assert_close(trainer._compute_loss(trainer.model, inputs), expected)
 
 
+def reference_kl_weight(log_ratio, mask, clip_level):
+    """The bias correction's importance weight, in float64 from the rule: the token ratio rho_it at "token"; at both
+    sequence levels the row's geometric mean ratio (prod_t rho_it)^(1/|o_i|) over its valid tokens, on every token."""
+    if clip_level == "token":
+        return log_ratio.exp()
+    weight = torch.ones_like(log_ratio)
+    for i in range(log_ratio.size(0)):
+        tokens = [t for t in range(log_ratio.size(1)) if mask[i, t] > 0]
+        if tokens:
+            weight[i] = torch.prod(torch.stack([log_ratio[i, t].exp() for t in tokens])) ** (1.0 / len(tokens))
+    return weight
+
+
+@pytest.mark.parametrize("clip_level", ["token", "sequence", "sequence_product"])
 @pytest.mark.parametrize("bias_correction", [False, True])
-def test_kl_penalty(trainer, bias_correction):
+def test_kl_penalty(trainer, bias_correction, clip_level):
     trainer.beta = 0.3
     trainer.args.use_bias_correction_kl = bias_correction
+    trainer.args.importance_sampling_level = clip_level
     inputs = make_inputs(trainer.model)
     logps, _ = reference_logps_and_entropy(trainer.model, inputs)
     inputs["ref_per_token_logps"] = logps + 0.3 * torch.randn(logps.shape, dtype=torch.float64)
+    mask = inputs["completion_mask"].double()
     d = inputs["ref_per_token_logps"] - logps
     kl = d.exp() - d - 1
     if bias_correction:
-        kl = kl * (logps - inputs["old_per_token_logps"]).exp()
-    mask = inputs["completion_mask"].double()
+        kl = kl * reference_kl_weight(logps - inputs["old_per_token_logps"], mask, clip_level)
     row_kl = (kl * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-    expected = expected_policy_loss(trainer.model, inputs) + 0.3 * row_kl.mean()
+    expected = expected_policy_loss(trainer.model, inputs, clip_level=clip_level) + 0.3 * row_kl.mean()
     assert_close(trainer._compute_loss(trainer.model, inputs), expected)
     assert "kl" in trainer._metrics["train"]
+
+
+def test_kl_bias_correction_at_the_sequence_levels_is_one_weight_per_row(trainer):
+    """Both sequence levels weight every token's KL by the same row weight: the gradient of the bias-corrected KL
+    term alone is the same at "sequence" and "sequence_product" and differs from the token level's."""
+    trainer.beta, trainer.args.use_bias_correction_kl = 0.3, True
+    inputs = make_inputs(trainer.model, spread=0.5)
+    logps, _ = reference_logps_and_entropy(trainer.model, inputs)
+    inputs["ref_per_token_logps"] = logps + 0.3
+    inputs["advantages"] = torch.zeros_like(inputs["advantages"])  # no policy term: only the KL has a gradient
+    grads = {}
+    for level in ("token", "sequence", "sequence_product"):
+        trainer.args.importance_sampling_level = level
+        trainer.model.zero_grad()
+        trainer._compute_loss(trainer.model, dict(inputs)).backward()
+        grads[level] = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+    assert_close(grads["sequence"], grads["sequence_product"])
+    assert not torch.allclose(grads["sequence"], grads["token"], rtol=1e-3, atol=1e-6)
 
 
 def test_static_entropy_bonus(trainer):

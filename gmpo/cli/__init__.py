@@ -1,11 +1,17 @@
 """The `gmpo` command: `gmpo train` (GMPO training, parsed like `trl grpo`) and `gmpo plot OUTPUT_DIR`.
 
 Bad input ends the command with one line on stderr, ``gmpo <command>: error: <what is wrong and what is valid>``, and
-exit status 2, before anything is written to the output directory.
+exit status 2, before anything is written to the output directory. Every exit status of `gmpo train` (0 finished, 1
+may succeed on a restart, 2 cannot run, 3 a restart reproduces the failure, 128 + N stopped by signal N) is in
+`gmpo.cli.exit_status`; GMPO_TRACEBACK=1 prints the traceback above a one-line error.
 """
 
 import sys
 import warnings
+
+from gmpo.cli.exit_status import CommandError, RetryableError, RunError, UsageError, report
+
+__all__ = ["CommandError", "RetryableError", "RunError", "UsageError", "main"]
 
 USAGE = """usage: gmpo <command> [options]
 
@@ -14,15 +20,6 @@ commands:
   plot    redraw the figures of a `gmpo train` output directory: gmpo plot OUTPUT_DIR
 
 `gmpo <command> --help` lists the command's options."""
-
-
-class UsageError(Exception):
-    """Bad user input: reported as one line and exit status 2, without a traceback."""
-
-
-class RunError(Exception):
-    """A failure that only shows during training and is the user's to fix (a reward function's output): reported as
-    one line and exit status 1, without a traceback."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,10 +49,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run(rest)
-    except UsageError as err:
-        print(f"gmpo {command}: error: {err}", file=sys.stderr)
-        return 2
-    except RunError as err:
-        print(f"gmpo {command}: error: {err}", file=sys.stderr)
-        return 1
+    except CommandError as err:
+        return report(command, err)
     return 0

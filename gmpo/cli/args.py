@@ -134,6 +134,10 @@ def _parse(parser: GMPOParser, argv: list[str], strict: bool = True):
         *groups, from_config, from_flags = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True
         )
+    except ImportError as err:  # TrainingArguments loads DeepSpeed's package while it parses
+        from gmpo.cli.preflight import missing_package_at_parse
+
+        raise UsageError(missing_package_at_parse(err)) from err
     except (ValueError, OSError, yaml.YAMLError) as err:  # a config's __post_init__, a missing or malformed YAML file
         raise UsageError(" ".join(str(err).split())) from None
     if strict:

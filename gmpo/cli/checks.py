@@ -4,7 +4,8 @@ raised before anything is written."""
 import os
 from pathlib import Path
 
-from gmpo.cli import UsageError
+from gmpo.cli import RetryableError, UsageError
+from gmpo.cli.exit_status import is_transient
 
 
 def check_arguments(script_args, model_args) -> None:
@@ -46,14 +47,21 @@ def check_model(model_args, training_args) -> None:
 
     name = model_args.model_name_or_path
     try:
-        AutoConfig.from_pretrained(
+        config = AutoConfig.from_pretrained(
             name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
         )
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0]
+        if is_transient(err):
+            raise RetryableError(f"cannot load model {name!r}: {first_line} (a restart may succeed)") from err
         raise UsageError(
             f"cannot load model {name!r}: {first_line} (pass a directory written by save_pretrained or a Hub model id)"
-        ) from None
+        ) from err
+    if not getattr(config, "architectures", None):
+        raise UsageError(
+            f"cannot load model {name!r}: its config names no `architectures`, from which TRL picks the model class "
+            "(save the model with save_pretrained, which writes them, or add them to config.json)"
+        )
 
 
 def check_chat_template(train_set, model_args, training_args, source: str) -> None:

@@ -7,7 +7,8 @@ formats); its other columns reach the reward functions as keyword arguments.
 import json
 from pathlib import Path
 
-from gmpo.cli import UsageError
+from gmpo.cli import RetryableError, UsageError
+from gmpo.cli.exit_status import is_transient
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -41,6 +42,9 @@ def load_prompt_dataset(script_args):
     except UsageError:
         raise
     except Exception as err:  # datasets raises many types (FileNotFoundError, ValueError, DatasetGenerationError, ...)
+        if is_transient(err):
+            raise RetryableError(f"cannot load dataset {name!r}: {' '.join(str(err).split())} (a restart may "
+                                 "succeed)") from err
         raise UsageError(f"cannot load dataset {name!r}: {load_error_reason(err, path)}") from None
 
 

@@ -2,7 +2,13 @@
 
 The output directory holds a finished run only if `run_complete.json` is there: it is removed when a run starts and
 written last, after the model, tokenizer, trainer_state.json and plots. `--resume_from_checkpoint true|PATH` resumes
-from a complete checkpoint (a finished run is left as it is); SIGINT / SIGTERM stop with exit status 130 / 143.
+from a complete checkpoint (a finished run is left as it is).
+
+Exit statuses (`gmpo.cli.exit_status`): 0 finished; 1 a failure a restart may fix (a reward function's ConnectionError
+or TimeoutError, or a crash with its traceback); 2 the configuration cannot run (bad input, a missing optional package,
+an option upstream rejects, a model that does not load; nothing written); 3 a failure a restart reproduces (a reward
+function that raised or returned malformed output, a non-finite gradient with nonfinite_grad_policy="stop");
+128 + N stopped by signal N (130 SIGINT, 143 SIGTERM), worth resuming. GMPO_TRACEBACK=1 adds the traceback.
 """
 
 import json
@@ -18,13 +24,15 @@ import yaml
 from transformers.utils import logging as transformers_logging
 
 from gmpo.checkpoint import resolve_resume_checkpoint
-from gmpo.cli import RunError, UsageError
+from gmpo.cli import UsageError
 from gmpo.cli.args import describe_rollouts, parse_train_args, resolved_config, rollout_summary
 from gmpo.cli.callbacks import CompactProgress, HeldOutAccuracy
 from gmpo.cli.checks import check_arguments, check_chat_template, check_model, check_output_dir
+from gmpo.cli.exit_status import stopped_by_signal, training_stop
+from gmpo.cli.preflight import check_lora_targets, check_optional_packages, options_set, rejected_at_construction
 from gmpo.cli.resume import Stopped, close_progress_bars, resume_request, stop_message, stop_on_signals
 from gmpo.cli.rewards import check_reward_columns, resolve_rewards
-from gmpo.guards import RewardFunctionError
+from gmpo.guards import NonFiniteGradientError, RewardFunctionError
 
 MARKER = "run_complete.json"
 
@@ -32,6 +40,7 @@ MARKER = "run_complete.json"
 def train(argv: list[str]) -> None:
     script_args, training_args, model_args = parse_train_args(argv)
     check_arguments(script_args, model_args)
+    check_optional_packages(training_args, model_args, strict=not script_args.dry_run)
     check_output_dir(training_args.output_dir)
     reward_funcs = resolve_rewards(script_args.reward_funcs, training_args, require_packages=not script_args.dry_run)
     if script_args.dry_run:
@@ -58,7 +67,7 @@ def train(argv: list[str]) -> None:
             if int(os.environ.get("RANK", "0")) == 0:
                 step = trainer.state.global_step if trainer is not None else None
                 print(stop_message(argv, str(output_dir), stop.signum, step), file=sys.stderr)
-            raise SystemExit(128 + stop.signum) from None
+            raise SystemExit(stopped_by_signal(stop.signum)) from None
 
 
 def run(argv, script_args, training_args, model_args, reward_funcs, checkpoint, running: dict) -> None:
@@ -67,12 +76,15 @@ def run(argv, script_args, training_args, model_args, reward_funcs, checkpoint, 
     source = script_args.dataset_name or f"built-in task {script_args.task!r}"
     check_reward_columns(script_args.reward_funcs, reward_funcs, data[0].column_names, source)
     check_model(model_args, training_args)
+    check_lora_targets(model_args, training_args)
     check_chat_template(data[0], model_args, training_args, source)
     plots_available = matplotlib_available()
 
     output_dir = Path(training_args.output_dir)
     created_output_dir = not output_dir.exists()
-    trainer, accuracy = build_trainer(script_args, training_args, model_args, reward_funcs, data)
+    settings = options_set(argv, script_args, training_args, model_args)
+    with rejected_at_construction(settings, output_dir, created_output_dir):
+        trainer, accuracy = build_trainer(script_args, training_args, model_args, reward_funcs, data)
     running["trainer"] = trainer
     # Loaded and downloaded: from here on, no "Writing model shards" bar breaks the training bar at every checkpoint.
     transformers_logging.disable_progress_bar()
@@ -88,10 +100,10 @@ def run(argv, script_args, training_args, model_args, reward_funcs, checkpoint, 
 
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
-    except RewardFunctionError as err:
+    except (RewardFunctionError, NonFiniteGradientError) as err:
         close_progress_bars(trainer)
         kept = remove_unfinished_output(output_dir, created_output_dir) if is_main else ""
-        raise RunError(f"{err} ({kept})") from None
+        raise training_stop(err, kept) from err
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
     if is_main:
