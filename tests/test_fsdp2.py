@@ -45,7 +45,7 @@ def _rank_worker(rank: int, port: int, model_dir: str, out_dir: str) -> None:
     from transformers import AutoModelForCausalLM
     from trl.trainer.grpo_trainer import add_fused_lm_head
 
-    torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool; the model is tiny anyway
+    torch.set_num_threads(1)  # the model is tiny
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
@@ -94,9 +94,10 @@ def _rank_worker(rank: int, port: int, model_dir: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tiny_model_dir, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("fsdp2")
-    # Forked: the children start at once with torch, transformers and TRL already imported.
+    # Spawned, not forked: a child forked from a pytest process whose earlier tests ran OpenMP threads hangs in its
+    # first multi-threaded MKL call (the model's rotary cos), whatever its own thread count.
     mp.start_processes(_rank_worker, args=(free_port(), tiny_model_dir, str(out_dir)), nprocs=WORLD_SIZE,
-                       join=True, start_method="fork")
+                       join=True, start_method="spawn")
     return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
 
 
