@@ -1,4 +1,5 @@
 import math
+import os
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
@@ -186,8 +187,40 @@ class GMPOConfig(GRPOConfig):
                 "defined with its 1/|o_i|. Use mean_power=0.0 for the ablation without the exponent."
             )
 
+        check_launch(self)
+
     @property
     def clip_can_act(self) -> bool:
         """Whether old log-probs can differ from current ones, i.e. an optimizer step can fall between a batch's
         generation and its use (TRL computes old log-probs only then)."""
         return self.gradient_accumulation_steps % (self.steps_per_generation * self.num_iterations) != 0
+
+
+# accelerate 1.15 shards with FSDP only on these device types; on CPU it drops the FSDP plugin without a word.
+_FSDP_DEVICE_TYPES = ("MULTI_GPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA", "MULTI_NPU", "MULTI_XPU", "MULTI_HPU",
+                      "MULTI_NEURON", "FSDP")
+
+
+def check_launch(args) -> None:
+    """ValueError when the processes would not train as configured: a launch of several processes that accelerate
+    runs each alone, or an FSDP setting that accelerate would ignore (on CPU)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    args.world_size  # noqa: B018 (sets up the distributed state)
+    kind = args.distributed_state.distributed_type.name if args.distributed_state is not None else "NO"
+    fsdp = args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp and kind not in _FSDP_DEVICE_TYPES:
+        setting = f"fsdp={args.fsdp!r}" if args.fsdp else "the accelerate config's FSDP (ACCELERATE_USE_FSDP=true)"
+        raise ValueError(
+            f"{setting} cannot shard here: accelerate runs FSDP only on GPUs (and other accelerators), and on this "
+            f"machine (distributed type {kind}, use_cpu={args.use_cpu}) it would drop the setting and train unsharded. "
+            "On CPU, DeepSpeed ZeRO-3 shards parameters (accelerate launch with a DeepSpeed config, or "
+            "deepspeed=CONFIG under torchrun); otherwise remove the FSDP setting or run on GPUs."
+        )
+    if launched > 1 and (kind == "NO" or args.world_size == 1):
+        hint = ("use_cpu=True (or ddp_backend='gloo' with DeepSpeed)" if args.deepspeed or
+                os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" else "use_cpu=True")
+        raise ValueError(
+            f"This process is one of WORLD_SIZE={launched}, but accelerate runs it alone (distributed type NO, "
+            f"use_cpu={args.use_cpu}, ddp_backend={args.ddp_backend!r}): each process would train its own model. "
+            f"Without a GPU set {hint}; with GPUs, check that this process sees one."
+        )

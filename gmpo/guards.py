@@ -5,6 +5,7 @@ import logging
 import math
 
 import torch
+from accelerate.utils import DistributedType
 from transformers import TrainerCallback
 from trl.trainer.utils import is_async_callable
 
@@ -24,7 +25,11 @@ class NonFiniteGradientGuard(TrainerCallback):
     untouched for that step; `skipped` counts such steps. policy "stop": `NonFiniteGradientError` (a RuntimeError).
     The check reads the global gradient norm (the one computed for clipping, else a reduced local norm), so every
     rank takes the same decision, sharded gradients included.
-    Gradients held inside a DeepSpeed engine are not visible here; DeepSpeed applies its own overflow check.
+
+    Under DeepSpeed the engine holds the gradients and steps inside `backward`, before this hook runs; it skips a step
+    whose global gradient norm is NaN/inf itself (DeepSpeed 0.19: always, unless a bf16 run of ZeRO-0/1/2 sets
+    `"bf16": {"check_grad_overflow": false}`). The guard then reads the engine's global norm and whether it skipped:
+    "skip" counts and warns, "stop" raises; a non-finite step the engine applied raises whatever the policy.
     """
 
     def __init__(self, policy: str, accelerator):
@@ -34,6 +39,8 @@ class NonFiniteGradientGuard(TrainerCallback):
         self.grad_norm = None  # set by the trainer when it has just computed the global norm for clipping
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            return self._after_deepspeed_step(state)
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if not grads:
             return
@@ -41,21 +48,39 @@ class NonFiniteGradientGuard(TrainerCallback):
         norm, self.grad_norm = self.grad_norm, None
         if norm is None:
             norm = torch.nn.utils.get_total_norm(grads)
-            if self.accelerator.num_processes > 1:
+            if hasattr(norm, "full_tensor"):  # FSDP2's DTensor shards: the norm of the whole gradient, already global
+                norm = norm.full_tensor()
+            elif self.accelerator.num_processes > 1:
                 norm = self.accelerator.reduce(norm.reshape(1), reduction="sum")
         if bool(torch.isfinite(torch.as_tensor(norm)).all()):
             return
-        step = state.global_step + 1
+        self._skip_or_stop(state.global_step + 1)
+        for p in model.parameters():
+            p.grad = None
+
+    def _skip_or_stop(self, step: int) -> None:
         if self.policy == "stop":
             raise NonFiniteGradientError(
                 f"Non-finite gradient at optimizer step {step}: stopping (nonfinite_grad_policy='stop'). "
                 "Set nonfinite_grad_policy='skip' to skip such steps instead."
             )
-        for p in model.parameters():
-            p.grad = None
         self.skipped += 1
         logger.warning(f"Non-finite gradient at optimizer step {step}: step skipped, weights unchanged "
                        f"(nonfinite_grad_policy='skip'; {self.skipped} skipped so far).")
+
+    def _after_deepspeed_step(self, state) -> None:
+        norm = self.accelerator.deepspeed_engine_wrapped.get_global_grad_norm()
+        if norm is None or math.isfinite(float(norm)):
+            return
+        step = state.global_step + 1
+        if not self.accelerator.optimizer_step_was_skipped:
+            raise NonFiniteGradientError(
+                f"Non-finite gradient at optimizer step {step} (global norm {norm}), and DeepSpeed applied the step: "
+                "the weights may hold NaN/inf. DeepSpeed skips such steps unless its overflow check is off (ZeRO "
+                'stages 0-2 in bf16 with "bf16": {"check_grad_overflow": false}); set "check_grad_overflow": true in '
+                f"the DeepSpeed config so that nonfinite_grad_policy={self.policy!r} can act."
+            )
+        self._skip_or_stop(step)
 
 
 class RewardFunctionError(RuntimeError):

@@ -29,10 +29,19 @@ class ExactResumeMixin:
         if state:  # the Trainer would run one more optimizer step past max_steps
             logger.warning(f"{resume_from_checkpoint} is the end of training (step {state.global_step}): its weights "
                            "and state are loaded, nothing is trained.")
-            self._load_from_checkpoint(resume_from_checkpoint)
+            self._load_finished_checkpoint(resume_from_checkpoint, state)
             self.state = state
             return TrainOutput(state.global_step, math.nan, {})
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    def _load_finished_checkpoint(self, checkpoint: str, state) -> None:
+        """Load an end-of-training checkpoint without training. Under DeepSpeed and FSDP the weights are loaded into
+        the prepared (sharded) model, as Trainer.train loads them: the unwrapped model's parameters may be partitions
+        (ZeRO-3: shape [0]) that a full state dict cannot be copied into."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            self._prepare_for_training(state.max_steps, self.get_train_dataloader(), checkpoint)
+        else:
+            self._load_from_checkpoint(checkpoint)
 
     def _save_checkpoint(self, model, trial):
         """The Trainer's checkpoint plus each rank's in-memory state, then the completion marker, then rotation."""

@@ -78,6 +78,8 @@ class GMPOTrainer(ExactResumeMixin, GRPOTrainer):
                 f"GMPOTrainer needs `args` to be a gmpo.GMPOConfig, got {type(args).__name__}. GMPO's epsilon is in "
                 "log space and its loss_type is 'gmpo', so a GRPOConfig would silently mean something else."
             )
+        if args.deepspeed:
+            _share_process_group_with_deepspeed()
         super().__init__(
             model=model,
             reward_funcs=reward_funcs,
@@ -308,4 +310,16 @@ class GMPOTrainer(ExactResumeMixin, GRPOTrainer):
         if mode == "train" and "loss" in logs:
             logs["nonfinite_steps_skipped"] = self._nonfinite_guard.skipped
         super().log(logs, start_time)
+
+
+def _share_process_group_with_deepspeed() -> None:
+    """Hand the process group accelerate created (torchrun with `deepspeed=`, e.g. gloo with use_cpu=True) to
+    DeepSpeed's communication layer before the model is loaded: ZeRO-3 partitions parameters while loading, and with
+    no DeepSpeed communicator it takes each process for the only one (batch-size assertion 16 != 8 * 1 * 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
 

@@ -1,13 +1,15 @@
 """Checkpointed GMPO training on the tiny model that a test kills with SIGKILL and restarts, as a job script would.
 
-Usage (PYTHONPATH = repository root; also under `torchrun --nproc_per_node 2`):
+Usage (PYTHONPATH = repository root; also under `torchrun --nproc_per_node 2` or `accelerate launch`):
     python chaos_run.py MODEL_DIR OUTPUT_DIR CONFIG_JSON [KIND STEP RANK]
 
 Every start calls `train(resume_from_checkpoint=True)`. With KIND STEP RANK, process RANK sends itself SIGKILL at one
 moment of optimizer step STEP + 1 (KIND "generate": while scoring a new rollout; "loss": in a loss computation) or
 while writing checkpoint-STEP (KIND "save": weights and optimizer written, trainer_state.json not yet; "marker":
 every file written but the completion marker). A run that finishes writes OUTPUT_DIR/final/model.safetensors and,
-on rank 0, OUTPUT_DIR/report.json: the log history and the optimizer steps this start ran.
+on rank 0, OUTPUT_DIR/report.json: the log history, the optimizer steps this start ran and the distributed setup.
+CONFIG_JSON holds GMPOConfig fields, plus "num_prompts" and "restart" (true: once finished, start the job again in
+the same process, writing OUTPUT_DIR/final-restart/ and the restart's steps and log history to the report).
 """
 
 import json
@@ -65,15 +67,17 @@ class RecordSteps(TrainerCallback):
         self.steps.append(state.global_step)
 
 
-def main(model_dir: str, output_dir: str, config: dict, kill) -> None:
-    config = dict(config)
-    num_prompts = config.pop("num_prompts", 16)  # 16 prompts: an epoch is a few optimizer steps, so runs cross one
+def start(model_dir: str, output_dir: str, config: dict, kill, final: str = "final") -> tuple[ChaosTrainer, list[int]]:
+    """One start of the job: a new trainer resumes from the newest complete checkpoint and saves its model to
+    OUTPUT_DIR/{final}; returns the trainer and the steps it ran."""
+    num_prompts = config.get("num_prompts", 16)  # 16 prompts: an epoch is a few optimizer steps, so runs cross one
     dataset = Dataset.from_dict({"prompt": [f"{10 + i}+{20 + i}=" for i in range(num_prompts)]})
+    settings = {k: v for k, v in config.items() if k not in ("num_prompts", "restart")}
     recorder = RecordSteps()
     trainer = ChaosTrainer(model=model_dir, reward_funcs=count_ones_reward, train_dataset=dataset,
-                           args=tiny_config(output_dir, save_strategy="steps", **config), callbacks=[recorder])
+                           args=tiny_config(output_dir, save_strategy="steps", **settings), callbacks=[recorder])
     trainer.kill = kill
-    if resume_hooks is not None:
+    if resume_hooks is not None and kill is not None:
         mark_complete = resume_hooks.mark_complete
 
         def die_before_marker(*args, **kwargs):
@@ -82,10 +86,22 @@ def main(model_dir: str, output_dir: str, config: dict, kill) -> None:
 
         resume_hooks.mark_complete = die_before_marker
     trainer.train(resume_from_checkpoint=True)
-    trainer.save_model(os.path.join(output_dir, "final"))
+    trainer.save_model(os.path.join(output_dir, final))
+    return trainer, recorder.steps
+
+
+def main(model_dir: str, output_dir: str, config: dict, kill) -> None:
+    """Start the job; with config["restart"], start it once more in this process after it finished (final-restart/)."""
+    trainer, steps = start(model_dir, output_dir, config, kill)
+    report = {"log_history": trainer.state.log_history, "trained_steps": steps,
+              "num_processes": trainer.accelerator.num_processes,
+              "distributed_type": str(trainer.accelerator.distributed_type)}
+    if config.get("restart"):
+        trainer, steps = start(model_dir, output_dir, config, None, final="final-restart")
+        report.update(restart_trained_steps=steps, restart_log_history=trainer.state.log_history)
     if trainer.accelerator.is_main_process:
         with open(os.path.join(output_dir, "report.json"), "w") as f:
-            json.dump({"log_history": trainer.state.log_history, "trained_steps": recorder.steps}, f)
+            json.dump(report, f)
     if trainer.accelerator.num_processes > 1:
         trainer.end()
 
