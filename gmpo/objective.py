@@ -249,7 +249,7 @@ def k3_kl(
     "sequence"; at "sequence_product" it is exp(S_i / |o_i|), the quantity w_i is taken from, not the whole-sequence
     ratio exp(S_i), whose variance grows exponentially with |o_i|).
     """
-    valid = mask > 0
+    valid = _valid(mask)
     d = ref_logps - logps
     kl = torch.exp(d) - d - 1
     if log_ratio is not None:
@@ -258,7 +258,5 @@ def k3_kl(
         if clip_level == "token":
             kl = kl * torch.exp(log_ratio)
         else:
-            log_ratio = torch.where(valid, log_ratio, 0.0)
-            mean_log_ratio = log_ratio.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
-            kl = kl * torch.exp(mean_log_ratio)
+            kl = kl * torch.exp(log_power_mean(log_ratio, valid, 0.0)).unsqueeze(-1)
     return torch.where(valid, kl, 0.0)
