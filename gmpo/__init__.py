@@ -1,7 +1,12 @@
 """Geometric-Mean Policy Optimization (arXiv 2507.20673): one pure-torch objective and an adapter per engine.
 
-`import gmpo` loads only the objective (torch). The TRL classes, `GMPOConfig` and `GMPOTrainer`, are imported on first
-use (PEP 562) and need the `trl` extra; the verl policy loss lives in `gmpo.verl` and needs verl.
+- `gmpo.objective`: the objective, a pure function of tensors (torch only).
+- `gmpo.trl`: TRL's adapter, `GMPOConfig` and `GMPOTrainer` (the `trl` extra).
+- `gmpo.verl`: verl's policy loss `loss_mode=gmpo` (the `verl` extra).
+- `gmpo.cli` (`gmpo train`) and `gmpo.tasks` (the built-in tasks) run on TRL's adapter.
+
+`import gmpo` loads only the objective; `gmpo.GMPOConfig` and `gmpo.GMPOTrainer` import TRL's adapter on first use
+(PEP 562).
 """
 
 import importlib
@@ -11,7 +16,7 @@ from .objective import GMPOOutput, GMPOStats, gmpo_objective
 __all__ = ["GMPOConfig", "GMPOTrainer", "GMPOOutput", "GMPOStats", "gmpo_objective"]
 __version__ = "0.1.0"
 
-_TRL_EXPORTS = {"GMPOConfig": ".config", "GMPOTrainer": ".trainer"}
+_TRL_EXPORTS = {"GMPOConfig": ".trl.config", "GMPOTrainer": ".trl.trainer"}
 
 
 def missing_extra_message(err: ModuleNotFoundError, what: str, extra: str) -> str | None:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gmpo import GMPOTrainer, gmpo_objective
-from gmpo.metrics import MetricPack
+from gmpo.trl.metrics import MetricPack
 
 from .test_training import GMPO_METRICS
 

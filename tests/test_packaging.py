@@ -10,6 +10,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 NO_TRL = "import sys\nsys.modules['trl'] = None\n"
 
@@ -28,8 +30,8 @@ def test_import_gmpo_loads_no_trl_or_transformers():
 
 def test_the_trl_classes_import_as_before():
     result = run_python(
-        "from gmpo import GMPOConfig, GMPOTrainer\nimport gmpo.config, gmpo.trainer, trl\n"
-        "print(GMPOConfig is gmpo.config.GMPOConfig, GMPOTrainer is gmpo.trainer.GMPOTrainer,"
+        "from gmpo import GMPOConfig, GMPOTrainer\nimport gmpo.trl.config, gmpo.trl.trainer, trl\n"
+        "print(GMPOConfig is gmpo.trl.config.GMPOConfig, GMPOTrainer is gmpo.trl.trainer.GMPOTrainer,"
         " issubclass(GMPOTrainer, trl.GRPOTrainer), 'GMPOTrainer' in dir(gmpo))"
     )
     assert result.stdout.split() == ["True"] * 4, result.stderr
@@ -68,19 +70,67 @@ def imported_roots(path: Path) -> set[str]:
     return names
 
 
-def test_the_objective_and_the_verl_adapter_import_only_their_engine():
-    stdlib = set(sys.stdlib_module_names)
-    objective = {n for n in imported_roots(ROOT / "gmpo" / "objective.py") if n.split(".")[0] not in stdlib}
-    assert objective == {"torch"}, objective
-    adapter = set().union(*(imported_roots(p) for p in (ROOT / "gmpo" / "verl").glob("*.py")))
+# What each part of the package may import besides the standard library and its own modules. The objective is the
+# only module both adapters share; neither adapter imports the other, the CLI or the built-in tasks.
+ALLOWED_IMPORTS = {
+    "objective.py": {"torch"},
+    "trl": {"torch", "trl", "transformers", "accelerate", "safetensors", "deepspeed", "gmpo.objective"},
+    "verl": {"torch", "verl", "gmpo.objective"},
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+@pytest.mark.parametrize("part", sorted(ALLOWED_IMPORTS))
+def test_each_part_imports_only_the_objective_and_its_own_engine(part):
+    files = [ROOT / "gmpo" / part] if part.endswith(".py") else sorted((ROOT / "gmpo" / part).glob("*.py"))
+    own = module_name(files[0]) if part.endswith(".py") else f"gmpo.{part}"
+    allowed = ALLOWED_IMPORTS[part]
     foreign = {
-        n
-        for n in adapter
-        if n.split(".")[0] not in stdlib | {"torch", "verl"}
-        and n != "gmpo.objective"
-        and not n.startswith("gmpo.verl")
+        name
+        for name in set().union(*map(imported_roots, files))
+        if name.split(".")[0] not in sys.stdlib_module_names
+        and name.split(".")[0] not in allowed
+        and name not in allowed
+        and name != own
+        and not name.startswith(own + ".")
     }
-    assert not foreign, f"gmpo/verl may import only gmpo.objective, torch and verl: {foreign}"
+    assert not foreign, f"gmpo/{part} may import only {sorted(allowed)} and its own modules: {sorted(foreign)}"
+
+
+def test_the_package_has_no_import_cycle():
+    """Edges: every import in a module of gmpo (function-level ones too) of another module of gmpo."""
+    modules = {module_name(path): path for path in (ROOT / "gmpo").rglob("*.py")}
+    edges = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]) if node.level else ""
+                source = ".".join(filter(None, [base, node.module]))
+                targets |= {f"{source}.{a.name}" if f"{source}.{a.name}" in modules else source for a in node.names}
+        edges[name] = targets & set(modules) - {name}
+    done, path = set(), []
+
+    def visit(name):
+        if name in path:
+            raise AssertionError(f"import cycle: {' -> '.join(path[path.index(name):] + [name])}")
+        if name in done:
+            return
+        path.append(name)
+        for target in sorted(edges[name]):
+            visit(target)
+        path.pop()
+        done.add(name)
+
+    for name in sorted(modules):
+        visit(name)
 
 
 def test_base_dependencies_are_the_objectives_only():

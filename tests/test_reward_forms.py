@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 from trl import GRPOConfig, GRPOTrainer
 
 from gmpo import GMPOTrainer
-from gmpo.guards import RewardFunctionError
+from gmpo.trl.guards import RewardFunctionError
 
 from .conftest import build_tokenizer, save_model_dir, tiny_config
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from gmpo import GMPOTrainer
-from gmpo.metrics import MetricPack
+from gmpo.trl.metrics import MetricPack
 
 from .conftest import count_ones_reward, tiny_config
 from .test_trainer_loss import make_inputs

@@ -6,7 +6,7 @@ import trl
 from trl import GRPOTrainer
 
 from gmpo import GMPOTrainer
-from gmpo.trainer import _NON_INPUT_LOGPS_ARGS
+from gmpo.trl.trainer import _NON_INPUT_LOGPS_ARGS
 
 from .conftest import count_ones_reward, tiny_config
 
@@ -55,7 +55,7 @@ def test_reward_funcs_is_optional():
 
 
 def test_trl_decides_sync_or_async_with_is_async_callable():
-    # gmpo.guards wraps each reward function so that this same predicate sees the wrapper as it sees the function.
+    # gmpo.trl.guards wraps each reward function so that this same predicate sees the wrapper as it sees the function.
     from trl.trainer.utils import is_async_callable
 
     source = inspect.getsource(GRPOTrainer._calculate_rewards)

@@ -4,8 +4,7 @@ raised before anything is written."""
 import os
 from pathlib import Path
 
-from gmpo.cli import RetryableError, UsageError
-from gmpo.cli.exit_status import is_transient
+from gmpo.cli.exit_status import RetryableError, UsageError, is_transient
 
 
 def check_arguments(script_args, model_args) -> None:

@@ -7,8 +7,7 @@ formats); its other columns reach the reward functions as keyword arguments.
 import json
 from pathlib import Path
 
-from gmpo.cli import RetryableError, UsageError
-from gmpo.cli.exit_status import is_transient
+from gmpo.cli.exit_status import RetryableError, UsageError, is_transient
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 

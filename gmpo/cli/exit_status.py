@@ -78,7 +78,7 @@ class RetryableError(CommandError):
 
 def training_stop(err: Exception, what_is_left: str) -> CommandError:
     """The CLI error for a RewardFunctionError or NonFiniteGradientError, with what the output directory holds now."""
-    from gmpo.guards import RewardFunctionError
+    from gmpo.trl.guards import RewardFunctionError
 
     if isinstance(err, RewardFunctionError) and is_transient(err.__cause__):
         return RetryableError(f"{err}; a restart may succeed ({what_is_left})")

@@ -3,7 +3,7 @@ names the closest valid one."""
 
 import difflib
 
-from gmpo.cli import UsageError
+from gmpo.cli.exit_status import UsageError
 
 
 def closest(name: str, valid: list[str]) -> str | None:

@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from gmpo.cli import UsageError
+from gmpo.cli.exit_status import UsageError
 from gmpo.cli.flags import check_no_leftovers
 
 # file stem -> (title, y label, log-history keys)

@@ -17,8 +17,9 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from gmpo.cli import RetryableError, UsageError
-from gmpo.cli.exit_status import is_transient
+from gmpo.cli.exit_status import RetryableError, UsageError, is_transient
+from gmpo.cli.flags import split_config_flag
+from gmpo.cli.presets import TASK_PRESETS
 
 # report_to name -> (transformers' availability check in transformers.integrations.integration_utils, what to do).
 # Covers every key of transformers' INTEGRATION_TO_CALLBACK (a test checks it).
@@ -167,8 +168,6 @@ def options_set(argv: list[str], *groups) -> dict:
     and the model; values are read from the parsed argument `groups`."""
     import yaml
 
-    from gmpo.cli.args import TASK_PRESETS
-    from gmpo.cli.flags import split_config_flag
 
     argv, config_path = split_config_flag(argv)
     names = [token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")]

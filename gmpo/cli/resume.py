@@ -8,7 +8,7 @@ import shlex
 import signal
 from contextlib import contextmanager
 
-from gmpo.checkpoint import incompleteness, list_checkpoints
+from gmpo.trl.checkpoint import incompleteness, list_checkpoints
 
 _TRUE, _FALSE = {"true", "yes", "1"}, {"false", "no", "0", ""}
 _FLAGS = ("--resume_from_checkpoint", "--resume-from-checkpoint")

@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from gmpo.cli import UsageError
+from gmpo.cli.exit_status import UsageError
 
 # name -> (module, attribute, factory arguments from the config or None for a plain function, required package).
 # The three TRL factories are sized from max_completion_length; soft_overlong_punishment uses DAPO's ratio

@@ -23,16 +23,15 @@ import psutil
 import yaml
 from transformers.utils import logging as transformers_logging
 
-from gmpo.checkpoint import resolve_resume_checkpoint
-from gmpo.cli import UsageError
 from gmpo.cli.args import describe_rollouts, parse_train_args, resolved_config, rollout_summary
 from gmpo.cli.callbacks import CompactProgress, HeldOutAccuracy
 from gmpo.cli.checks import check_arguments, check_chat_template, check_model, check_output_dir
-from gmpo.cli.exit_status import stopped_by_signal, training_stop
+from gmpo.cli.exit_status import UsageError, stopped_by_signal, training_stop
 from gmpo.cli.preflight import check_lora_targets, check_optional_packages, options_set, rejected_at_construction
 from gmpo.cli.resume import Stopped, close_progress_bars, resume_request, stop_message, stop_on_signals
 from gmpo.cli.rewards import check_reward_columns, resolve_rewards
-from gmpo.guards import NonFiniteGradientError, RewardFunctionError
+from gmpo.trl.checkpoint import resolve_resume_checkpoint
+from gmpo.trl.guards import NonFiniteGradientError, RewardFunctionError
 
 MARKER = "run_complete.json"
 

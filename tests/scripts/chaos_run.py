@@ -25,7 +25,7 @@ from gmpo import GMPOTrainer
 from tests.conftest import count_ones_reward, tiny_config
 
 try:
-    import gmpo.resumable as resume_hooks
+    import gmpo.trl.resumable as resume_hooks
 except ImportError:  # a gmpo without completion markers: the "marker" kill cannot fire
     resume_hooks = None
 

@@ -7,11 +7,11 @@ import torch
 from trl import GRPOTrainer
 from trl.trainer.utils import get_config_model_id
 
-from .config import GMPOConfig
-from .guards import NonFiniteGradientGuard, name_reward_errors
-from .metrics import MetricPack
-from .objective import gmpo_objective, k3_kl, row_advantages
-from .resumable import ExactResumeMixin
+from gmpo.objective import gmpo_objective, k3_kl, row_advantages
+from gmpo.trl.config import GMPOConfig
+from gmpo.trl.guards import NonFiniteGradientGuard, name_reward_errors
+from gmpo.trl.metrics import MetricPack
+from gmpo.trl.resumable import ExactResumeMixin
 
 logger = logging.getLogger(__name__)
 

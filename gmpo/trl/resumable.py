@@ -6,8 +6,8 @@ import os
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
-from .checkpoint import finished_state, mark_complete, resolve_resume_checkpoint, rotate_checkpoints, unmark
-from .resume_state import (
+from gmpo.trl.checkpoint import finished_state, mark_complete, resolve_resume_checkpoint, rotate_checkpoints, unmark
+from gmpo.trl.resume_state import (
     EpochReplayRepeatSampler,
     RestoreLoggingState,
     load_trainer_memory,

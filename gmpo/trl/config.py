@@ -4,8 +4,8 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from .guards import NONFINITE_GRAD_POLICIES
-from .objective import CLIP_LEVELS
+from gmpo.objective import CLIP_LEVELS
+from gmpo.trl.guards import NONFINITE_GRAD_POLICIES
 
 
 @dataclass
