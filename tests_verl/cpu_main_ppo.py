@@ -63,8 +63,8 @@ class VllmCpuFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
         return None
 
-    def find_distributions(self, context=importlib.metadata.DistributionFinder.Context()):
-        return iter([VllmCpuAsVllm()] if context.name == "vllm" else [])
+    def find_distributions(self, context=None):
+        return iter([VllmCpuAsVllm()] if context is not None and context.name == "vllm" else [])
 
 
 class PatchAfterImport(importlib.abc.MetaPathFinder):
