@@ -16,12 +16,17 @@ platform, `VERL_ENGINE_DEVICE` only selects which registered FSDP engine class i
   the cpu device twice on this platform, which torch rejects);
 - loads the weights verl syncs into vLLM through vLLM's `reload_weights(..., is_checkpoint_format=True)`: vLLM's
   CPU backend repacks linear weights for its kernels after loading, so verl's in-place `load_weights` then
-  `process_weights_after_loading` cannot load into them. The buckets are received as verl sends them.
+  `process_weights_after_loading` cannot load into them. The buckets are received as verl sends them;
+- gives every rollout request a sampling seed from its prompt and how many requests with that prompt the server has
+  seen (so the n samples of a group differ): vLLM's unseeded sampling depends on the order requests reach it, which
+  varies from launch to launch, and two launches are compared on the same completions.
 
 With `GMPO_TEST_WEIGHT_SYNC_LOG=<file>` every sync appends one JSON line: the time, the number of tensors loaded
 into vLLM and their float64 sum.
 """
 
+import collections
+import functools
 import importlib.abc
 import importlib.metadata
 import importlib.util
@@ -29,6 +34,7 @@ import json
 import os
 import sys
 import time
+import zlib
 
 import torch
 import verl.utils.distributed as verl_distributed
@@ -36,6 +42,7 @@ import verl.utils.distributed as verl_distributed
 from tests_verl.cpu_platform import PlatformCPU  # noqa: F401  (registers platform "cpu")
 
 _VLLM_EXTENSION_MODULE = "verl.workers.rollout.vllm_rollout.utils"
+_VLLM_SERVER_MODULE = "verl.workers.rollout.vllm_rollout.vllm_async_server"
 
 
 class VllmCpuAsVllm(importlib.metadata.Distribution):
@@ -114,15 +121,35 @@ def patch_weight_sync(module) -> None:
     module.vLLMColocateWorkerExtension.update_weights_from_ipc = reload_synced_weights
 
 
+def seed_requests(module) -> None:
+    """vLLMHttpServer.generate with sampling seed crc32(prompt ids, k) for the k-th request of that prompt."""
+    generate = module.vLLMHttpServer.generate
+
+    @functools.wraps(generate)
+    async def seeded_generate(self, prompt_ids, sampling_params, request_id, *args, **kwargs):
+        seen = self.__dict__.setdefault("_gmpo_test_prompts_seen", collections.Counter())
+        key = ",".join(map(str, prompt_ids))
+        sampling_params = {"seed": zlib.crc32(f"{key}#{seen[key]}".encode()), **sampling_params}
+        seen[key] += 1
+        return await generate(self, prompt_ids, sampling_params, request_id, *args, **kwargs)
+
+    module.vLLMHttpServer.generate = seeded_generate
+
+
+def patch_after_import(name: str, patch) -> None:
+    if name in sys.modules:
+        patch(sys.modules[name])
+    else:
+        sys.meta_path.insert(0, PatchAfterImport(name, patch))
+
+
 if importlib.util.find_spec("vllm") is not None:
     try:
         importlib.metadata.version("vllm")
     except importlib.metadata.PackageNotFoundError:
         sys.meta_path.append(VllmCpuFinder())
-    if _VLLM_EXTENSION_MODULE not in sys.modules:
-        sys.meta_path.insert(0, PatchAfterImport(_VLLM_EXTENSION_MODULE, patch_weight_sync))
-    else:
-        patch_weight_sync(sys.modules[_VLLM_EXTENSION_MODULE])
+    patch_after_import(_VLLM_EXTENSION_MODULE, patch_weight_sync)
+    patch_after_import(_VLLM_SERVER_MODULE, seed_requests)
 
 _verl_init_process_group = verl_distributed.initialize_global_process_group_ray
 verl_distributed.initialize_global_process_group_ray = init_process_group_gloo

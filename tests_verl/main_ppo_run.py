@@ -2,8 +2,9 @@
 
 The launch is what a verl user runs (Hydra overrides on verl's `ppo_trainer` config, vLLM rollout, FSDP2 actor,
 verl's reward loop with a custom reward function), plus what CPU needs: `cpu_main_ppo.py`, loaded through verl's
-`VERL_USE_EXTERNAL_MODULES`, and the overrides in `CPU_OVERRIDES` (no CUDA allocator, so no sleep mode; float32;
-eager attention without remove-padding; one logical GPU for Ray's placement; one worker of each kind).
+`VERL_USE_EXTERNAL_MODULES`, and the overrides in `CPU_OVERRIDES` (no CUDA allocator, so no sleep mode; float32 in
+vLLM and in FSDP, whose default compute dtype is bf16; eager attention without remove-padding; one logical GPU for
+Ray's placement; one worker of each kind).
 
     python tests_verl/main_ppo_run.py OUT_DIR [override ...]
 
@@ -29,13 +30,14 @@ CPU_OVERRIDES = [
     "+ray_kwargs.ray_init.num_gpus=1",
     # TransferQueue's storage actors take every logical CPU otherwise, and the run waits forever.
     "ray_kwargs.ray_init.num_cpus=32",
+    "+ray_kwargs.ray_init.include_dashboard=False",
     "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",
     "actor_rollout_ref.rollout.agent.num_workers=1",
     "reward.num_workers=1",
     "data.dataloader_num_workers=0",
     "actor_rollout_ref.actor.strategy=fsdp2",
     "actor_rollout_ref.actor.fsdp_config.strategy=fsdp2",
-    "actor_rollout_ref.actor.fsdp_config.dtype=float32",
+    "+actor_rollout_ref.actor.fsdp_config.mixed_precision={param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}",
     "actor_rollout_ref.model.use_remove_padding=False",
     "+actor_rollout_ref.model.override_config.attn_implementation=eager",
     "actor_rollout_ref.model.enable_gradient_checkpointing=False",
@@ -120,6 +122,7 @@ def cpu_env(out_dir: Path) -> dict:
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "RAY_USAGE_STATS_ENABLED": "0",
         "TOKENIZERS_PARALLELISM": "false",
+        "TQ_NUM_THREADS": "1",
         "HYDRA_FULL_ERROR": "1",
     }
 
