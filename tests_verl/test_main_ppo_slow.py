@@ -7,6 +7,9 @@ updates per step, dynamic batching, clip 0.4, low-variance KL loss 0.001) scaled
 prompts x 5, mini-batch 8 prompts, micro-batches of at most MAX_TOKENS tokens (uneven), STEPS steps. Both launches
 sample the same first rollouts (seeded requests); greedy accuracy on 256 held-out prompts before and after. Prints
 one line per loss and leaves the figures in <basetemp>/slow-*/summary.json.
+
+The third test is the one-micro-batch point of `test_main_ppo.py`: geo_mean with the mini-batch as one micro-batch
+against gmpo split 8 ways, on the same completions.
 """
 
 import json
@@ -15,6 +18,9 @@ import math
 import pytest
 
 from tests_verl.main_ppo_run import grpo_overrides, read_jsonl, run_main_ppo
+from tests_verl.test_main_ppo import GROUP as CI_GROUP
+from tests_verl.test_main_ppo import MICRO_BATCHES
+from tests_verl.test_main_ppo import PROMPTS as CI_PROMPTS
 
 PROMPTS, GROUP, MINI_BATCH, STEPS, LR = 32, 5, 8, 25, 1e-4
 MAX_TOKENS = 96  # tokens per micro-batch: rows of 10-11 tokens, 40 rows per mini-batch -> about 5 uneven ones
@@ -63,3 +69,23 @@ def test_gmpo_and_geo_mean_at_the_examples_batching(tmp_path_factory):
     gmpo, geo_mean = (summarize(mode, tmp_path_factory) for mode in ("gmpo", "geo_mean"))
     assert gmpo["first_score_mean"] == geo_mean["first_score_mean"], "the first rollouts should be the same"
     assert gmpo["accuracy_before"] == geo_mean["accuracy_before"]
+
+
+def first_grad_norm(tmp_path_factory, loss_mode: str, micro_batch: int) -> tuple[float, float]:
+    out = tmp_path_factory.mktemp(f"one-step-{loss_mode}-{micro_batch}")
+    overrides = grpo_overrides(out, loss_mode=loss_mode, steps=1, prompts=CI_PROMPTS, group=CI_GROUP,
+                               micro_batch=micro_batch, lr=LR)
+    result = run_main_ppo(out, overrides)
+    assert result.returncode == 0, (out / "main_ppo.log").read_text()[-6000:]
+    metrics = read_jsonl(out / "metrics.jsonl")[0]["data"]
+    print(loss_mode, micro_batch, metrics["actor/grad_norm"], metrics["critic/score/mean"])
+    return metrics["actor/grad_norm"], metrics["critic/score/mean"]
+
+
+@pytest.mark.slow
+def test_gmpo_split_is_geo_mean_on_one_micro_batch(tmp_path_factory):
+    rows = CI_PROMPTS * CI_GROUP
+    whole, whole_score = first_grad_norm(tmp_path_factory, "geo_mean", rows)
+    split, split_score = first_grad_norm(tmp_path_factory, "gmpo", rows // MICRO_BATCHES)
+    assert whole_score == split_score, "the first rollouts should be the same"
+    assert split == pytest.approx(whole, rel=1e-3)
