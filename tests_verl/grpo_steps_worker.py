@@ -2,12 +2,12 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests_verl/grpo_steps_worker.py MODEL_DIR OUT_JSON
 
-verl 0.9.1 has no rollout that runs on CPU, so the 16 completions (4 prompts x 4) are fixed random tokens; each
-step does what verl's trainer does with them: verl's GRPO advantage estimator on a reward (the fraction of a row's
-response tokens below VOCAB / 4), the old log-probs from the engine's `infer_batch`, then `ppo_epochs = 2` calls of
-the engine's `train_batch` (AdamW step, gradient clipping) with verl's `ppo_loss` and loss_mode=gmpo, so that the
-second epoch is off-policy. Rank 0 writes the GRPO surrogate J = sum_i A_i (1/|o_i|) sum_t log pi(o_it) before and
-after every step, and the metrics and grad norms `train_batch` returned.
+The 16 completions (4 prompts x 4) are fixed random tokens (verl's own trainer with vLLM rollouts is
+`test_main_ppo.py`); each step does what verl's trainer does with them: verl's GRPO advantage estimator on a reward
+(the fraction of a row's response tokens below VOCAB / 4), the old log-probs from the engine's `infer_batch`, then
+`ppo_epochs = 2` calls of the engine's `train_batch` (AdamW step, gradient clipping) with verl's `ppo_loss` and
+loss_mode=gmpo, so that the second epoch is off-policy. Rank 0 writes the GRPO surrogate J = sum_i A_i (1/|o_i|) sum_t
+log pi(o_it) before and after every step, and the metrics and grad norms `train_batch` returned.
 """
 
 import json

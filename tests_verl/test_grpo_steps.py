@@ -1,7 +1,7 @@
 """GRPO training steps with loss_mode=gmpo through verl's FSDP2 engine (`train_batch`) on 2 CPU processes.
 
-verl 0.9.1's trainer only generates through vLLM, SGLang or TensorRT-LLM servers, none of which runs on CPU here, so
-`grpo_steps_worker.py` keeps the completions fixed and runs the rest of verl's update: its GRPO advantages, the old
+On fixed completions, so that every step is reproducible across machines (`test_main_ppo.py` runs the whole trainer
+with vLLM generating): `grpo_steps_worker.py` runs the rest of verl's update on 2 ranks: its GRPO advantages, the old
 log-probs from the engine's forward-only pass, two PPO epochs of `train_batch` (AdamW) per step. Observable
 behaviour: the surrogate GRPO maximises goes up, the first epoch of each step is on-policy (ratio 1, nothing
 clipped), the second clips, and verl's metrics carry our names and finite values.

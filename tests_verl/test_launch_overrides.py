@@ -1,7 +1,7 @@
 """The launch lines in docs/verl.md, composed with verl's own `ppo_trainer` config as `verl.trainer.main_ppo` does.
 
-verl 0.9.1 has no rollout that runs on CPU (its trainer uses vLLM, SGLang or TensorRT-LLM servers), so no GRPO
-loop runs here. Instead: Hydra composes verl's config with the settings of verl's GMPO example
+verl's GMPO example itself needs GPUs (an 8B model, tensor-parallel vLLM); `test_main_ppo.py` runs verl's trainer
+on CPU with a tiny policy. Here: Hydra composes verl's config with the settings of verl's GMPO example
 (`examples/gmpo_trainer/run_qwen3_8b_fsdp.sh`) followed by the documented lines, verl's `validate_config` (which the
 driver runs before it starts Ray) accepts them, the actor config the workers build is ours, and the loss it selects
 computes the documented variant (hand-worked values below).
