@@ -4,11 +4,12 @@
 
 verl's example (examples/gmpo_trainer/run_qwen3_8b_fsdp.sh: train batch 1024 prompts x 5, mini-batch 256, i.e. 4
 updates per step, dynamic batching, clip 0.4, low-variance KL loss 0.001) scaled to the addition policy on CPU: 32
-prompts x 5, mini-batch 8 prompts, micro-batches of at most MAX_TOKENS tokens (uneven), STEPS steps. Both launches
-sample the same first rollouts (seeded requests); greedy accuracy on 256 held-out prompts before and after. Prints
-one line per loss and leaves the figures in <basetemp>/slow-*/summary.json.
+prompts x 5, mini-batch 8 prompts, micro-batches of at most MAX_TOKENS tokens (uneven), STEPS steps, without the KL
+term: verl builds its reference model with FSDP2's CPU offload into pinned memory, which needs an accelerator. Both
+launches sample the same first rollouts (seeded requests); greedy accuracy on 256 held-out prompts before and after.
+Prints one line per loss and leaves the figures in <basetemp>/slow-*/summary.json.
 
-The third test is the one-micro-batch point of `test_main_ppo.py`: geo_mean with the mini-batch as one micro-batch
+The second test is the one-micro-batch point of `test_main_ppo.py`: geo_mean with the mini-batch as one micro-batch
 against gmpo split 8 ways, on the same completions.
 """
 
@@ -22,7 +23,7 @@ from tests_verl.test_main_ppo import GROUP as CI_GROUP
 from tests_verl.test_main_ppo import MICRO_BATCHES
 from tests_verl.test_main_ppo import PROMPTS as CI_PROMPTS
 
-PROMPTS, GROUP, MINI_BATCH, STEPS, LR = 32, 5, 8, 25, 1e-4
+PROMPTS, GROUP, MINI_BATCH, STEPS, LR = 32, 5, 8, 20, 1e-4
 MAX_TOKENS = 96  # tokens per micro-batch: rows of 10-11 tokens, 40 rows per mini-batch -> about 5 uneven ones
 ACCURACY = "val-core/addition/acc/mean@1"
 EXAMPLE_BATCHING = [
@@ -30,13 +31,6 @@ EXAMPLE_BATCHING = [
     "actor_rollout_ref.actor.use_dynamic_bsz=True",
     f"actor_rollout_ref.actor.ppo_max_token_len_per_gpu={MAX_TOKENS}",
     "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=True",
-    "actor_rollout_ref.actor.use_kl_loss=True",
-    "actor_rollout_ref.actor.kl_loss_coef=0.001",
-    "actor_rollout_ref.actor.kl_loss_type=low_var_kl",
-    "actor_rollout_ref.ref.fsdp_config.strategy=fsdp2",
-    "+actor_rollout_ref.ref.fsdp_config.mixed_precision={param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}",
-    "actor_rollout_ref.ref.fsdp_config.use_torch_compile=False",
-    "actor_rollout_ref.ref.log_prob_use_dynamic_bsz=True",
     "trainer.val_before_train=True",
     f"trainer.test_freq={STEPS}",
 ]
