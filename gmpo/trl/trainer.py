@@ -12,6 +12,7 @@ from gmpo.trl.config import GMPOConfig
 from gmpo.trl.guards import NonFiniteGradientGuard, name_reward_errors
 from gmpo.trl.metrics import MetricPack
 from gmpo.trl.resumable import ExactResumeMixin
+from gmpo.trl.vllm_sync import use_reload_sync_where_needed
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class GMPOTrainer(ExactResumeMixin, GRPOTrainer):
     clipped one-sidedly in log space before the mean. Generation, rewards, advantages, vLLM, PEFT and distributed
     training are GRPOTrainer's; only the loss is replaced. The constructor is GRPOTrainer's; `args` must be a
     [`GMPOConfig`] and defaults to `GMPOConfig("<model>-GMPO")`. Checkpoints resume exactly ([`ExactResumeMixin`]).
+    With vLLM in colocate mode on CPU the weights reach vLLM through its reload path (`gmpo.trl.vllm_sync`).
     """
 
     _tag_names = ["trl", "gmpo"]
@@ -100,6 +102,8 @@ class GMPOTrainer(ExactResumeMixin, GRPOTrainer):
             name_reward_errors(func, name) if callable(func) and not isinstance(func, torch.nn.Module) else func
             for func, name in zip(self.reward_funcs, self.reward_func_names)
         ]
+        if self.use_vllm:
+            use_reload_sync_where_needed(self.vllm_generation)
         self._nonfinite_guard = NonFiniteGradientGuard(args.nonfinite_grad_policy, self.accelerator)
         self.add_callback(self._nonfinite_guard)
         params = inspect.signature(self._get_per_token_logps_and_entropies).parameters
