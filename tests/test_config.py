@@ -5,13 +5,15 @@ import math
 import re
 
 import pytest
+import torch
 
 from gmpo import GMPOConfig
 
 from .conftest import tiny_config
 
 GMPO_FIELDS = ["epsilon", "epsilon_high", "delta", "loss_type", "importance_sampling_level", "length_normalization",
-               "mean_power", "skip_zero_advantage_rows", "nonfinite_grad_policy"]
+               "mean_power", "skip_zero_advantage_rows", "nonfinite_grad_policy", "stale_sampler_policy",
+               "stale_sampler_threshold"]
 
 
 def test_defaults_follow_the_paper(tmp_path):
@@ -43,6 +45,10 @@ def test_epsilon_high_can_differ_and_infinity_disables_the_clip(tmp_path):
         ("mean_power", "1", "`mean_power`.*finite number.*got '1'"),
         ("skip_zero_advantage_rows", 1, "`skip_zero_advantage_rows` must be True or False"),
         ("nonfinite_grad_policy", "ignore", r"`nonfinite_grad_policy`.*\['skip', 'stop'\].*got 'ignore'"),
+        ("stale_sampler_policy", "raise", r"`stale_sampler_policy`.*\['stop', 'warn', 'off'\].*got 'raise'"),
+        ("stale_sampler_threshold", 0.0, "`stale_sampler_threshold`.*> 0, got 0.0"),
+        ("stale_sampler_threshold", math.inf, "`stale_sampler_threshold`.*finite number > 0, got inf"),
+        ("stale_sampler_threshold", "0.1", "`stale_sampler_threshold`.*got '0.1'"),
     ],
 )
 def test_invalid_values_name_the_field_and_the_valid_values(tmp_path, field, value, message):
@@ -75,6 +81,13 @@ def test_clip_can_act(tmp_path):
     assert tiny_config(tmp_path, steps_per_generation=1, num_iterations=2).clip_can_act
     assert not tiny_config(tmp_path, steps_per_generation=1).clip_can_act
     assert not tiny_config(tmp_path, steps_per_generation=2, gradient_accumulation_steps=4).clip_can_act
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="server mode is TRL's own path where CUDA is")
+def test_vllm_server_mode_without_cuda_names_colocate(tmp_path):
+    with pytest.raises(ValueError, match=r"vllm_mode='server' needs a CUDA device.*NCCL.*vllm_mode='colocate'"):
+        tiny_config(tmp_path, use_vllm=True, vllm_mode="server")
+    assert tiny_config(tmp_path, vllm_mode="server").vllm_mode == "server"  # without use_vllm nothing is checked
 
 
 def normalise(text):

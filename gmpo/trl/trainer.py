@@ -12,6 +12,7 @@ from gmpo.trl.config import GMPOConfig
 from gmpo.trl.guards import NonFiniteGradientGuard, name_reward_errors
 from gmpo.trl.metrics import MetricPack
 from gmpo.trl.resumable import ExactResumeMixin
+from gmpo.trl.sampler_guard import StaleSamplerCheck
 from gmpo.trl.vllm_sync import use_reload_sync_where_needed
 
 logger = logging.getLogger(__name__)
@@ -30,14 +31,15 @@ _EXTREME_METRICS = {
 }
 
 
-class GMPOTrainer(ExactResumeMixin, GRPOTrainer):
+class GMPOTrainer(StaleSamplerCheck, ExactResumeMixin, GRPOTrainer):
     """Trainer for Geometric-Mean Policy Optimization (GMPO, https://huggingface.co/papers/2507.20673).
 
     GMPO maximises mean_i A_i * w_i, where w_i is the geometric mean of row i's token importance ratios, each
     clipped one-sidedly in log space before the mean. Generation, rewards, advantages, vLLM, PEFT and distributed
     training are GRPOTrainer's; only the loss is replaced. The constructor is GRPOTrainer's; `args` must be a
     [`GMPOConfig`] and defaults to `GMPOConfig("<model>-GMPO")`. Checkpoints resume exactly ([`ExactResumeMixin`]).
-    With vLLM in colocate mode on CPU the weights reach vLLM through its reload path (`gmpo.trl.vllm_sync`).
+    With vLLM in colocate mode on CPU the weights reach vLLM through its reload path (`gmpo.trl.vllm_sync`), and
+    every rollout is checked against a stale sampler ([`StaleSamplerCheck`]).
     """
 
     _tag_names = ["trl", "gmpo"]
