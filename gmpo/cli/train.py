@@ -28,7 +28,13 @@ from gmpo.cli.args import describe_rollouts, parse_train_args, resolved_config, 
 from gmpo.cli.callbacks import CompactProgress, HeldOutAccuracy
 from gmpo.cli.checks import check_arguments, check_chat_template, check_model, check_output_dir
 from gmpo.cli.exit_status import UsageError, stopped_by_signal, training_stop
-from gmpo.cli.preflight import check_lora_targets, check_optional_packages, options_set, rejected_at_construction
+from gmpo.cli.preflight import (
+    check_lora_targets,
+    check_optional_packages,
+    check_vllm_platform,
+    options_set,
+    rejected_at_construction,
+)
 from gmpo.cli.resume import Stopped, close_progress_bars, resume_request, stop_message, stop_on_signals
 from gmpo.cli.rewards import check_reward_columns, resolve_rewards
 from gmpo.trl.checkpoint import resolve_resume_checkpoint
@@ -42,6 +48,8 @@ def train(argv: list[str]) -> None:
     script_args, training_args, model_args = parse_train_args(argv)
     check_arguments(script_args, model_args)
     check_optional_packages(training_args, model_args, strict=not script_args.dry_run)
+    if not script_args.dry_run:
+        check_vllm_platform(training_args)
     check_output_dir(training_args.output_dir)
     reward_funcs = resolve_rewards(script_args.reward_funcs, training_args, require_packages=not script_args.dry_run)
     if script_args.dry_run:

@@ -7,7 +7,6 @@ from trl import GRPOConfig
 from gmpo.objective import CLIP_LEVELS
 from gmpo.trl.guards import NONFINITE_GRAD_POLICIES
 from gmpo.trl.sampler_guard import STALE_SAMPLER_POLICIES
-from gmpo.trl.vllm_sync import vllm_platform_problem
 
 
 @dataclass
@@ -229,9 +228,6 @@ class GMPOConfig(GRPOConfig):
             )
 
         check_launch(self)
-        problem = vllm_platform_problem(self)
-        if problem is not None:
-            raise ValueError(problem)
 
     @property
     def clip_can_act(self) -> bool:

@@ -81,7 +81,8 @@ def policy_logps(model, accelerator, sequences: list[list[int]]) -> list[torch.T
 
 class StaleSamplerCheck:
     """Mixin for GRPOTrainer subclasses: the check above after every vLLM rollout, per `args.stale_sampler_policy`
-    and `args.stale_sampler_threshold`. Active with use_vllm in colocate mode without sleep mode, on text inputs."""
+    and `args.stale_sampler_threshold`. Active with use_vllm in colocate mode without sleep mode, on text inputs; the
+    subclass sets `_check_sampler = self._stale_sampler_check_applies()` once built."""
 
     def _stale_sampler_check_applies(self) -> bool:
         args = self.args
@@ -96,8 +97,6 @@ class StaleSamplerCheck:
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
-        if getattr(self, "_check_sampler", None) is None:
-            self._check_sampler = self._stale_sampler_check_applies()
         if self._check_sampler and "pixel_values" not in output:
             self._check_sampler_weights(output)
         return output

@@ -13,7 +13,7 @@ from gmpo.trl.guards import NonFiniteGradientGuard, name_reward_errors
 from gmpo.trl.metrics import MetricPack
 from gmpo.trl.resumable import ExactResumeMixin
 from gmpo.trl.sampler_guard import StaleSamplerCheck
-from gmpo.trl.vllm_sync import use_reload_sync_where_needed
+from gmpo.trl.vllm_sync import use_reload_sync_where_needed, vllm_platform_problem
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,9 @@ class GMPOTrainer(StaleSamplerCheck, ExactResumeMixin, GRPOTrainer):
                 f"GMPOTrainer needs `args` to be a gmpo.GMPOConfig, got {type(args).__name__}. GMPO's epsilon is in "
                 "log space and its loss_type is 'gmpo', so a GRPOConfig would silently mean something else."
             )
+        problem = vllm_platform_problem(args)  # before TRL waits for a server or starts an engine
+        if problem is not None:
+            raise ValueError(problem)
         if args.deepspeed:
             _share_process_group_with_deepspeed()
         super().__init__(
@@ -106,6 +109,7 @@ class GMPOTrainer(StaleSamplerCheck, ExactResumeMixin, GRPOTrainer):
         ]
         if self.use_vllm:
             use_reload_sync_where_needed(self.vllm_generation)
+        self._check_sampler = self._stale_sampler_check_applies()
         self._nonfinite_guard = NonFiniteGradientGuard(args.nonfinite_grad_policy, self.accelerator)
         self.add_callback(self._nonfinite_guard)
         params = inspect.signature(self._get_per_token_logps_and_entropies).parameters
