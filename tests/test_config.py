@@ -11,7 +11,8 @@ from gmpo import GMPOConfig
 from .conftest import tiny_config
 
 GMPO_FIELDS = ["epsilon", "epsilon_high", "delta", "loss_type", "importance_sampling_level", "length_normalization",
-               "mean_power", "skip_zero_advantage_rows", "nonfinite_grad_policy"]
+               "mean_power", "skip_zero_advantage_rows", "nonfinite_grad_policy", "stale_sampler_policy",
+               "stale_sampler_threshold"]
 
 
 def test_defaults_follow_the_paper(tmp_path):
@@ -43,6 +44,10 @@ def test_epsilon_high_can_differ_and_infinity_disables_the_clip(tmp_path):
         ("mean_power", "1", "`mean_power`.*finite number.*got '1'"),
         ("skip_zero_advantage_rows", 1, "`skip_zero_advantage_rows` must be True or False"),
         ("nonfinite_grad_policy", "ignore", r"`nonfinite_grad_policy`.*\['skip', 'stop'\].*got 'ignore'"),
+        ("stale_sampler_policy", "raise", r"`stale_sampler_policy`.*\['stop', 'warn', 'off'\].*got 'raise'"),
+        ("stale_sampler_threshold", 0.0, "`stale_sampler_threshold`.*> 0, got 0.0"),
+        ("stale_sampler_threshold", math.inf, "`stale_sampler_threshold`.*finite number > 0, got inf"),
+        ("stale_sampler_threshold", "0.1", "`stale_sampler_threshold`.*got '0.1'"),
     ],
 )
 def test_invalid_values_name_the_field_and_the_valid_values(tmp_path, field, value, message):

@@ -1,9 +1,13 @@
 """Settings that a launch would silently not apply stop at construction (GMPOConfig) and in `gmpo train` (exit 2):
-FSDP where accelerate cannot shard (CPU), and processes of a multi-process launch that accelerate runs alone."""
+FSDP where accelerate cannot shard (CPU), and processes of a multi-process launch that accelerate runs alone; vLLM's
+server mode without CUDA stops at the trainer's construction, before TRL waits for a server."""
 
 import pytest
+import torch
 
-from .conftest import tiny_config
+from gmpo import GMPOTrainer
+
+from .conftest import count_ones_reward, tiny_config
 from .test_cli import train_error
 
 
@@ -29,3 +33,12 @@ def test_a_process_of_a_launch_that_runs_alone_is_an_error(tmp_path, monkeypatch
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match=r"one of WORLD_SIZE=2, but accelerate runs it alone.*use_cpu=True"):
         tiny_config(tmp_path, use_cpu=False, deepspeed=None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="server mode is TRL's own path where CUDA is")
+def test_vllm_server_mode_without_cuda_stops_before_connecting(tiny_model_dir, prompt_dataset, tmp_path):
+    # TRL would wait vllm_server_timeout (240 s) for a server, then fail: its weight sync needs NCCL on CUDA.
+    args = tiny_config(tmp_path, use_vllm=True, vllm_mode="server", vllm_server_timeout=1)
+    with pytest.raises(ValueError, match=r"vllm_mode='server' needs a CUDA device.*NCCL.*vllm_mode='colocate'"):
+        GMPOTrainer(model=tiny_model_dir, reward_funcs=count_ones_reward, args=args, train_dataset=prompt_dataset)
+    assert not (tmp_path / "checkpoint-1").exists() and not any(tmp_path.iterdir())

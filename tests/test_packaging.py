@@ -70,11 +70,11 @@ def imported_roots(path: Path) -> set[str]:
     return names
 
 
-# What each part of the package may import besides the standard library and its own modules. The objective is the
-# only module both adapters share; neither adapter imports the other, the CLI or the built-in tasks.
+# What each part of the package may import besides the standard library and its own modules (vLLM is TRL's generation
+# engine). The objective is the only module both adapters share; neither adapter imports the other, the CLI or the built-in tasks.
 ALLOWED_IMPORTS = {
     "objective.py": {"torch"},
-    "trl": {"torch", "trl", "transformers", "accelerate", "safetensors", "deepspeed", "gmpo.objective"},
+    "trl": {"torch", "trl", "transformers", "accelerate", "safetensors", "deepspeed", "vllm", "gmpo.objective"},
     "verl": {"torch", "verl", "gmpo.objective"},
 }
 

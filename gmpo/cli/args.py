@@ -135,7 +135,7 @@ def parse_train_args(argv: list[str]) -> tuple[GMPOScriptArguments, GMPOConfig, 
             model = str(policy_path(task))
         except ValueError as err:  # the package was installed without its assets
             raise UsageError(str(err)) from None
-        preset = {**TASK_PRESETS[task], "task": task, "model_name_or_path": model}
+        preset = {**installed_preset(task), "task": task, "model_name_or_path": model}
     elif script_args.task is not None:
         raise UsageError(
             f"--task {script_args.task!r} and --dataset_name {script_args.dataset_name!r} exclude each other: --task "
@@ -147,6 +147,16 @@ def parse_train_args(argv: list[str]) -> tuple[GMPOScriptArguments, GMPOConfig, 
     parser = GMPOParser([GMPOScriptArguments, GMPOConfig, ModelConfig], prog="gmpo train", allow_abbrev=False)
     parser.set_defaults_with_config(**preset)
     return _parse(parser, argv)
+
+
+def installed_preset(task: str) -> dict:
+    """TASK_PRESETS[task] with the checkpointing switch under the name the installed transformers gives it:
+    `activation_checkpointing` in recent releases, `gradient_checkpointing` before (vLLM's pins keep transformers
+    below 5.18)."""
+    preset = dict(TASK_PRESETS[task])
+    if "activation_checkpointing" in preset and "activation_checkpointing" not in GMPOConfig.__dataclass_fields__:
+        preset["gradient_checkpointing"] = preset.pop("activation_checkpointing")
+    return preset
 
 
 def _has_gpu() -> bool:

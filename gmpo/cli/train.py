@@ -7,7 +7,8 @@ from a complete checkpoint (a finished run is left as it is).
 Exit statuses (`gmpo.cli.exit_status`): 0 finished; 1 a failure a restart may fix (a reward function's ConnectionError
 or TimeoutError, or a crash with its traceback); 2 the configuration cannot run (bad input, a missing optional package,
 an option upstream rejects, a model that does not load; nothing written); 3 a failure a restart reproduces (a reward
-function that raised or returned malformed output, a non-finite gradient with nonfinite_grad_policy="stop");
+function that raised or returned malformed output, a non-finite gradient with nonfinite_grad_policy="stop", a vLLM
+sampler that does not run the trainer's weights with stale_sampler_policy="stop");
 128 + N stopped by signal N (130 SIGINT, 143 SIGTERM), worth resuming. GMPO_TRACEBACK=1 adds the traceback.
 """
 
@@ -27,11 +28,18 @@ from gmpo.cli.args import describe_rollouts, parse_train_args, resolved_config, 
 from gmpo.cli.callbacks import CompactProgress, HeldOutAccuracy
 from gmpo.cli.checks import check_arguments, check_chat_template, check_model, check_output_dir
 from gmpo.cli.exit_status import UsageError, stopped_by_signal, training_stop
-from gmpo.cli.preflight import check_lora_targets, check_optional_packages, options_set, rejected_at_construction
+from gmpo.cli.preflight import (
+    check_lora_targets,
+    check_optional_packages,
+    check_vllm_platform,
+    options_set,
+    rejected_at_construction,
+)
 from gmpo.cli.resume import Stopped, close_progress_bars, resume_request, stop_message, stop_on_signals
 from gmpo.cli.rewards import check_reward_columns, resolve_rewards
 from gmpo.trl.checkpoint import resolve_resume_checkpoint
 from gmpo.trl.guards import NonFiniteGradientError, RewardFunctionError
+from gmpo.trl.sampler_guard import StaleSamplerError
 
 MARKER = "run_complete.json"
 
@@ -40,6 +48,8 @@ def train(argv: list[str]) -> None:
     script_args, training_args, model_args = parse_train_args(argv)
     check_arguments(script_args, model_args)
     check_optional_packages(training_args, model_args, strict=not script_args.dry_run)
+    if not script_args.dry_run:
+        check_vllm_platform(training_args)
     check_output_dir(training_args.output_dir)
     reward_funcs = resolve_rewards(script_args.reward_funcs, training_args, require_packages=not script_args.dry_run)
     if script_args.dry_run:
@@ -99,7 +109,7 @@ def run(argv, script_args, training_args, model_args, reward_funcs, checkpoint, 
 
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
-    except (RewardFunctionError, NonFiniteGradientError) as err:
+    except (RewardFunctionError, NonFiniteGradientError, StaleSamplerError) as err:
         close_progress_bars(trainer)
         kept = remove_unfinished_output(output_dir, created_output_dir) if is_main else ""
         raise training_stop(err, kept) from err

@@ -6,6 +6,7 @@ from trl import GRPOConfig
 
 from gmpo.objective import CLIP_LEVELS
 from gmpo.trl.guards import NONFINITE_GRAD_POLICIES
+from gmpo.trl.sampler_guard import STALE_SAMPLER_POLICIES
 
 
 @dataclass
@@ -54,6 +55,16 @@ class GMPOConfig(GRPOConfig):
             What to do when a gradient holds NaN or inf before an optimizer step: 'skip' leaves the weights and the
             optimizer state untouched for that step, logs a warning and counts it in `nonfinite_steps_skipped`;
             'stop' raises an error naming the step.
+        stale_sampler_policy (`str`, *optional*, defaults to `"stop"`):
+            With use_vllm (colocate mode), what to do when vLLM's log-probs show that it samples from other weights
+            than the trainer's (a failed or skipped weight sync): after each rollout a few of its sequences are scored
+            by vLLM and by the policy at temperature 1, independently of the sampling settings. 'stop' raises an
+            error naming the step (`gmpo train`: exit status 3), 'warn' logs a warning and trains on, 'off' skips the
+            check.
+        stale_sampler_threshold (`float`, *optional*, defaults to `0.1`):
+            Mean absolute per-token log-prob difference between vLLM and the policy (logged as
+            `sampling/weights_logp_difference`) above which the sampler counts as stale. A synced bfloat16 vLLM
+            against a float32 trainer stays near 0.01 on the built-in task; must be > 0.
     """
 
     epsilon: float = field(
@@ -133,6 +144,25 @@ class GMPOConfig(GRPOConfig):
         },
     )
 
+    stale_sampler_policy: str = field(
+        default="stop",
+        metadata={
+            "help": "With use_vllm (colocate mode), what to do when vLLM's log-probs show that it samples from other "
+            "weights than the trainer's (a failed or skipped weight sync): after each rollout a few of its sequences "
+            "are scored by vLLM and by the policy at temperature 1, independently of the sampling settings. 'stop' "
+            "raises an error naming the step (`gmpo train`: exit status 3), 'warn' logs a warning and trains on, "
+            "'off' skips the check."
+        },
+    )
+    stale_sampler_threshold: float = field(
+        default=0.1,
+        metadata={
+            "help": "Mean absolute per-token log-prob difference between vLLM and the policy (logged as "
+            "`sampling/weights_logp_difference`) above which the sampler counts as stale. A synced bfloat16 vLLM "
+            "against a float32 trainer stays near 0.01 on the built-in task; must be > 0."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if self.epsilon_high is None:
@@ -177,6 +207,16 @@ class GMPOConfig(GRPOConfig):
             raise ValueError(
                 f"`nonfinite_grad_policy` must be one of {list(NONFINITE_GRAD_POLICIES)}, "
                 f"got {self.nonfinite_grad_policy!r}."
+            )
+        if self.stale_sampler_policy not in STALE_SAMPLER_POLICIES:
+            raise ValueError(
+                f"`stale_sampler_policy` must be one of {list(STALE_SAMPLER_POLICIES)}, got {self.stale_sampler_policy!r}."
+            )
+        threshold = self.stale_sampler_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold < math.inf:
+            raise ValueError(
+                "`stale_sampler_threshold` is a mean absolute log-prob difference per token and must be a finite "
+                f"number > 0, got {threshold!r}."
             )
         for name in ("length_normalization", "skip_zero_advantage_rows"):
             if not isinstance(getattr(self, name), bool):

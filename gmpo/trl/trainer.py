@@ -12,6 +12,8 @@ from gmpo.trl.config import GMPOConfig
 from gmpo.trl.guards import NonFiniteGradientGuard, name_reward_errors
 from gmpo.trl.metrics import MetricPack
 from gmpo.trl.resumable import ExactResumeMixin
+from gmpo.trl.sampler_guard import StaleSamplerCheck
+from gmpo.trl.vllm_sync import use_reload_sync_where_needed, vllm_platform_problem
 
 logger = logging.getLogger(__name__)
 
@@ -29,13 +31,15 @@ _EXTREME_METRICS = {
 }
 
 
-class GMPOTrainer(ExactResumeMixin, GRPOTrainer):
+class GMPOTrainer(StaleSamplerCheck, ExactResumeMixin, GRPOTrainer):
     """Trainer for Geometric-Mean Policy Optimization (GMPO, https://huggingface.co/papers/2507.20673).
 
     GMPO maximises mean_i A_i * w_i, where w_i is the geometric mean of row i's token importance ratios, each
     clipped one-sidedly in log space before the mean. Generation, rewards, advantages, vLLM, PEFT and distributed
     training are GRPOTrainer's; only the loss is replaced. The constructor is GRPOTrainer's; `args` must be a
     [`GMPOConfig`] and defaults to `GMPOConfig("<model>-GMPO")`. Checkpoints resume exactly ([`ExactResumeMixin`]).
+    With vLLM in colocate mode on CPU the weights reach vLLM through its reload path (`gmpo.trl.vllm_sync`), and
+    every rollout is checked against a stale sampler ([`StaleSamplerCheck`]).
     """
 
     _tag_names = ["trl", "gmpo"]
@@ -78,6 +82,9 @@ class GMPOTrainer(ExactResumeMixin, GRPOTrainer):
                 f"GMPOTrainer needs `args` to be a gmpo.GMPOConfig, got {type(args).__name__}. GMPO's epsilon is in "
                 "log space and its loss_type is 'gmpo', so a GRPOConfig would silently mean something else."
             )
+        problem = vllm_platform_problem(args)  # before TRL waits for a server or starts an engine
+        if problem is not None:
+            raise ValueError(problem)
         if args.deepspeed:
             _share_process_group_with_deepspeed()
         super().__init__(
@@ -100,6 +107,9 @@ class GMPOTrainer(ExactResumeMixin, GRPOTrainer):
             name_reward_errors(func, name) if callable(func) and not isinstance(func, torch.nn.Module) else func
             for func, name in zip(self.reward_funcs, self.reward_func_names)
         ]
+        if self.use_vllm:
+            use_reload_sync_where_needed(self.vllm_generation)
+        self._check_sampler = self._stale_sampler_check_applies()
         self._nonfinite_guard = NonFiniteGradientGuard(args.nonfinite_grad_policy, self.accelerator)
         self.add_callback(self._nonfinite_guard)
         params = inspect.signature(self._get_per_token_logps_and_entropies).parameters
