@@ -62,20 +62,18 @@ class RecordSteps(TrainerCallback):
         self.steps.append(state.global_step)
 
 
-def sync_check(trainer) -> dict:
-    """After a final sync: mean |log p| difference of this process's engine to the trainer's model (float64) and to
-    the shipped policy, on three addition sequences; and whether ZeRO-3 partitions the parameters here."""
-    from transformers import AutoModelForCausalLM
-
+def sync_check(trainer, shipped) -> dict:
+    """After a final sync: mean |log p| difference of this process's engine to the trainer's model (float64), and of
+    the model to `shipped` (the engine's log-probs before training); whether ZeRO-3 partitions the parameters here."""
     from tests_vllm.conftest import engine_logps, model_logps, sequences
 
     trainer.vllm_generation.sync_weights()  # every process: ZeRO-3 gathers each parameter collectively
-    seqs = sequences(trainer)
-    engine, trained = engine_logps(trainer, seqs), model_logps(trainer.model_wrapped, seqs)
-    shipped = model_logps(AutoModelForCausalLM.from_pretrained(POLICY), seqs)
+    partitioned = any(p.numel() == 0 for p in trainer.model.parameters())
+    with trainer.vllm_generation._dist.gather_params(list(trainer.model.parameters())):  # TRL's ZeRO-3 gather
+        trained = model_logps(trainer.model, sequences(trainer))
+    engine = engine_logps(trainer, sequences(trainer))
     return {"engine_vs_trained": (engine - trained).abs().mean().item(),
-            "trained_vs_shipped": (trained - shipped).abs().mean().item(),
-            "partitioned": any(p.numel() == 0 for p in trainer.model.parameters()),
+            "trained_vs_shipped": (trained - shipped).abs().mean().item(), "partitioned": partitioned,
             "distributed_type": str(trainer.accelerator.distributed_type),
             "num_processes": trainer.accelerator.num_processes}
 
@@ -86,15 +84,19 @@ def main(output_dir: str, overrides: dict, kill) -> None:
     trainer = KilledTrainer(model=POLICY, reward_funcs=exact_match_reward, args=args,
                             train_dataset=make_dataset("addition", 512, 0, "train"))
     trainer.kill = kill
+    if check:
+        from tests_vllm.conftest import engine_logps, sequences
+
+        shipped = engine_logps(trainer, sequences(trainer))  # vLLM loaded the shipped checkpoint from disk
     recorder = RecordSteps()
     trainer.add_callback(recorder)
     trainer.train(resume_from_checkpoint=True)
     trainer.save_model(os.path.join(output_dir, "final"))
     report = {"log_history": trainer.state.log_history, "trained_steps": recorder.steps}
     if check:
-        rank = trainer.accelerator.process_index
-        with open(os.path.join(output_dir, f"sync_check.rank{rank}.json"), "w") as f:
-            json.dump(sync_check(trainer), f)
+        result = sync_check(trainer, shipped)
+        with open(os.path.join(output_dir, f"sync_check.rank{trainer.accelerator.process_index}.json"), "w") as f:
+            json.dump(result, f)
     if trainer.accelerator.is_main_process:
         with open(os.path.join(output_dir, "report.json"), "w") as f:
             json.dump(report, f)
