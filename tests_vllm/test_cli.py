@@ -61,3 +61,30 @@ def test_a_dry_run_resolves_the_paper_recipe_here(tmp_path):
                         str(tmp_path / "run"), "--dry-run", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "vllm_enable_sleep_mode: true" in result.stdout
+
+
+# `gmpo train` whose trainer keeps TRL's object but a sync that does nothing: vLLM keeps the initial weights.
+STALE_RUN = """
+import sys
+import gmpo.trl.trainer
+from gmpo.cli import main
+
+def sync_that_does_nothing(generation):
+    generation.sync_weights = lambda: None
+
+gmpo.trl.trainer.use_reload_sync_where_needed = sync_that_does_nothing
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_a_stale_sampler_ends_gmpo_train_with_exit_status_3(tmp_path):
+    out = tmp_path / "run"
+    args = ["--output_dir", str(out), *SMALL, "--learning_rate", "3e-3", "--use_vllm", "true",
+            "--vllm_max_model_length", "64"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", STALE_RUN, *args], capture_output=True, text=True, env=env,
+                            timeout=600, cwd=REPO)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert last.startswith("gmpo train: error: vLLM does not sample from the trainer's weights at step 2"), last
+    assert "stale_sampler_threshold=0.1" in last and not out.exists()  # nothing saved: the directory is removed
