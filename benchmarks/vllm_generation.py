@@ -84,6 +84,7 @@ def run_one(variant: str, seed: int, steps: int | None, output_dir: Path, result
         "generate_s": round(timer["seconds"], 2), "generate_calls": timer["calls"],
         "accuracy_before": summary["accuracy_before"], "accuracy_after": summary["accuracy_after"],
         "reward_first": rollouts[0]["reward"], "reward_last": rollouts[-1]["reward"],
+        "loadavg_end": machine()["loadavg_1_5_15"],
         "mismatch": {key: statistics.fmean(row[key] for row in rollouts) for key in MISMATCH
                      if rollouts and all(key in row for row in rollouts)},
     }
@@ -116,11 +117,13 @@ def machine() -> dict:
     return {"cpu": model, "cores": os.cpu_count(), "loadavg_1_5_15": [round(x, 2) for x in load]}
 
 
-def run_grid(variants, seeds, steps, work: Path) -> dict:
+def run_grid(variants, seeds, steps, work: Path, collect_only: bool = False) -> dict:
     results = {"machine_at_start": machine(), "steps": steps, "runs": []}
     for seed in seeds:
         for variant in variants:
             path = work / f"{variant}__seed{seed}.json"
+            if collect_only and not path.exists():
+                continue
             if not path.exists():
                 cmd = [sys.executable, __file__, "--one", variant, str(seed), str(steps or 0),
                        str(work / f"{variant}__seed{seed}"), str(path)]
@@ -128,7 +131,6 @@ def run_grid(variants, seeds, steps, work: Path) -> dict:
                 env = {"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ, "PYTHONPATH": str(ROOT)}
                 subprocess.run(cmd, check=True, env=env)
             run = json.loads(path.read_text())
-            run["loadavg_after"] = machine()["loadavg_1_5_15"]
             results["runs"].append(run)
             print(f"{variant:15s} seed {seed}: {run['wall_time_s']:.0f} s, generation {run['generate_s']:.0f} s, "
                   f"accuracy {run['accuracy_before']:.3f} -> {run['accuracy_after']:.3f}", flush=True)
@@ -136,11 +138,12 @@ def run_grid(variants, seeds, steps, work: Path) -> dict:
     return results
 
 
-def mean_se(values) -> str:
+def mean_se(values, digits: int = 3) -> str:
+    """Mean ± standard error over seeds (the value alone for one seed)."""
     values = list(values)
     if len(values) < 2:
-        return f"{values[0]:.3f}"
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) / len(values) ** 0.5:.3f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values) / len(values) ** 0.5:.{digits}f}"
 
 
 def table(results: dict) -> str:
@@ -159,8 +162,8 @@ def table(results: dict) -> str:
                      f"{max(r['mismatch']['sampling/importance_sampling_ratio/max'] for r in runs):.2f})")
         diff = mean_se(r["mismatch"]["sampling/sampling_logp_difference/mean"] for r in runs) if mismatch else "-"
         lines.append(
-            f"| {variant} | {len(runs)} | {mean_se(r['wall_time_s'] for r in runs)} | "
-            f"{mean_se(r['generate_s'] for r in runs)} | {mean_se(r['accuracy_before'] for r in runs)} | "
+            f"| {variant} | {len(runs)} | {mean_se((r['wall_time_s'] for r in runs), 0)} | "
+            f"{mean_se((r['generate_s'] for r in runs), 0)} | {mean_se(r['accuracy_before'] for r in runs)} | "
             f"{mean_se(r['accuracy_after'] for r in runs)} | {ratio} | {diff} |")
     return "\n".join(lines)
 
@@ -172,6 +175,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="--max_steps (default: the preset's 200)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "vllm-generation")
     parser.add_argument("--report", type=Path, help="print the table of a results JSON and exit")
+    parser.add_argument("--collect", action="store_true", help="no new runs: gather the finished ones in --work")
     parser.add_argument("--one", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -181,7 +185,7 @@ def main() -> None:
     if args.report:
         print(table(json.loads(args.report.read_text())))
         return
-    results = run_grid(args.variants, args.seeds, args.steps, args.work)
+    results = run_grid(args.variants, args.seeds, args.steps, args.work, args.collect)
     write_json_atomic(args.work / "results.json", results)
     print(f"\n{results['machine_at_start']['cpu']}, {results['machine_at_start']['cores']} cores, load average at "
           f"start {results['machine_at_start']['loadavg_1_5_15']}, at end {results['machine_at_end']['loadavg_1_5_15']}")
