@@ -7,6 +7,7 @@ SIGKILLed after a checkpoint inside a rollout, find a torn newer checkpoint, res
 it; both then restart once more from the end-of-training checkpoint. One DDP run (torchrun, same settings) checks
 that the sharded runs compute the same losses and GMPO statistics. Plain SGD, so that weights compare across
 engines. 15 launches of 2 processes, 6-15 s each on 2 lightly loaded cores (mostly imports): about 2 min in all.
+The kill-and-resume jobs of ZeRO-2 (5 of those launches) are marked slow: CI runs them for ZeRO-3 only.
 """
 
 import json
@@ -194,6 +195,11 @@ def cli_job(stage, tiny_model_dir, dataset, tmp_path_factory, uninterrupted):
     return output_dir, finished, restart
 
 
+# The kill-and-resume jobs (5 launches a stage) run in CI for ZeRO-3, the paper recipe's stage; ZeRO-2's with -m slow.
+KILL_STAGES = pytest.mark.parametrize(
+    "stage", [pytest.param(2, marks=pytest.mark.slow), 3], indirect=True, ids=["zero2", "zero3"])
+
+
 def test_runs_sharded_on_two_processes(stage, uninterrupted, model_numel):
     run = report(uninterrupted)
     assert (run["num_processes"], run["distributed_type"]) == (2, "DistributedType.DEEPSPEED")
@@ -216,6 +222,7 @@ def test_first_rollout_matches_ddp(uninterrupted, ddp):
         torch.testing.assert_close(weights[name], expected, rtol=TOL["rel"], atol=TOL["abs"], msg=name)
 
 
+@KILL_STAGES
 def test_killed_job_resumes_bit_for_bit(uninterrupted, api_job):
     run, reference = report(api_job), report(uninterrupted)
     assert run["trained_steps"] == list(range(SAVE_STEPS + 1, MAX_STEPS + 1)), "did not resume from checkpoint-3"
@@ -224,6 +231,7 @@ def test_killed_job_resumes_bit_for_bit(uninterrupted, api_job):
     assert (api_job / f"checkpoint-{MAX_STEPS}" / COMPLETE_MARKER).is_file(), "the torn checkpoint was not rewritten"
 
 
+@KILL_STAGES
 def test_restart_of_a_finished_job_changes_nothing(uninterrupted, api_job):
     run = report(api_job)
     assert run["restart_trained_steps"] == [], "a finished run trained again"
@@ -231,6 +239,7 @@ def test_restart_of_a_finished_job_changes_nothing(uninterrupted, api_job):
                     load_weights(uninterrupted / "final"), report(uninterrupted), max_steps=MAX_STEPS)
 
 
+@KILL_STAGES
 def test_gmpo_train_killed_and_resumed_equals_the_python_api(stage, uninterrupted, cli_job, model_numel):
     output_dir, finished, _ = cli_job
     assert_sharded(stage, output_dir / f"checkpoint-{SAVE_STEPS}", model_numel)
@@ -239,6 +248,7 @@ def test_gmpo_train_killed_and_resumed_equals_the_python_api(stage, uninterrupte
                     load_weights(uninterrupted / "final"), report(uninterrupted), max_steps=MAX_STEPS)
 
 
+@KILL_STAGES
 def test_gmpo_train_restart_at_the_end_of_training(cli_job):
     output_dir, finished, restart = cli_job
     assert "is the end of training" in restart.stderr, restart.stderr[-3000:]
