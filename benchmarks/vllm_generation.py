@@ -168,6 +168,25 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+# (variant, baseline): accuracy after training, variant minus baseline, seed by seed.
+PAIRS = [("gmpo-vllm-is", "gmpo-hf"), ("gmpo-vllm-nois", "gmpo-vllm-is"),
+         ("grpo-vllm-is", "grpo-hf"), ("grpo-vllm-nois", "grpo-vllm-is")]
+
+
+def paired(results: dict) -> str:
+    """Within-seed differences of the final accuracy (same data, same held-out set), with their mean ± SE."""
+    after = {(run["variant"], run["seed"]): run["accuracy_after"] for run in results["runs"]}
+    lines = ["| accuracy after, difference | per seed | mean ± SE |", "|---|---|---|"]
+    for variant, baseline in PAIRS:
+        seeds = sorted(seed for name, seed in after if name == variant and (baseline, seed) in after)
+        if not seeds:
+            continue
+        diffs = [after[variant, seed] - after[baseline, seed] for seed in seeds]
+        per_seed = ", ".join(f"{d:+.3f} (seed {seed})" for seed, d in zip(seeds, diffs))
+        lines.append(f"| {variant} - {baseline} | {per_seed} | {mean_se(diffs)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -183,13 +202,15 @@ def main() -> None:
         run_one(variant, int(seed), int(steps) or None, Path(output_dir), Path(result_path))
         return
     if args.report:
-        print(table(json.loads(args.report.read_text())))
+        results = json.loads(args.report.read_text())
+        print(table(results) + "\n\n" + paired(results))
         return
     results = run_grid(args.variants, args.seeds, args.steps, args.work, args.collect)
     write_json_atomic(args.work / "results.json", results)
     print(f"\n{results['machine_at_start']['cpu']}, {results['machine_at_start']['cores']} cores, load average at "
           f"start {results['machine_at_start']['loadavg_1_5_15']}, at end {results['machine_at_end']['loadavg_1_5_15']}")
     print(table(results))
+    print("\n" + paired(results))
     print(f"\nwritten: {args.work / 'results.json'}")
 
 
