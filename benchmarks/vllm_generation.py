@@ -7,11 +7,12 @@ the same vLLM weight sync as GMPOTrainer. Runs go one after another, never two a
 
     python benchmarks/vllm_generation.py                         # 6 variants x 3 seeds
     python benchmarks/vllm_generation.py --seeds 0 --steps 16    # a quick look
-    python benchmarks/vllm_generation.py --report runs/vllm-generation/results.json   # table of a finished grid
+    python benchmarks/vllm_generation.py --report runs/vllm-generation/results.json   # tables of a finished grid
 
 Per run: wall time of the process (imports, engine start, training, evaluation), time inside the trainer's
 `_generate` (generation and, with vLLM, the weight sync), held-out greedy accuracy before/after (800 prompts, as
 `gmpo train` prints it), and the mean over rollouts of TRL's sampler/trainer mismatch metrics (vLLM runs only).
+The report adds the within-seed differences of the final accuracy between variants (PAIRS).
 """
 
 import argparse
@@ -183,7 +184,8 @@ def paired(results: dict) -> str:
             continue
         diffs = [after[variant, seed] - after[baseline, seed] for seed in seeds]
         per_seed = ", ".join(f"{d:+.3f} (seed {seed})" for seed, d in zip(seeds, diffs))
-        lines.append(f"| {variant} - {baseline} | {per_seed} | {mean_se(diffs)} |")
+        spread = f" ± {statistics.stdev(diffs) / len(diffs) ** 0.5:.3f}" if len(diffs) > 1 else ""
+        lines.append(f"| {variant} - {baseline} | {per_seed} | {statistics.fmean(diffs):+.3f}{spread} |")
     return "\n".join(lines)
 
 
