@@ -139,12 +139,12 @@ def run_grid(variants, seeds, steps, work: Path, collect_only: bool = False) -> 
     return results
 
 
-def mean_se(values, digits: int = 3) -> str:
-    """Mean ± standard error over seeds (the value alone for one seed)."""
+def mean_se(values, digits: int = 3, sign: str = "") -> str:
+    """Mean ± standard error over seeds (the value alone for one seed); sign "+" writes the mean's sign."""
     values = list(values)
     if len(values) < 2:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values) / len(values) ** 0.5:.{digits}f}"
+        return f"{values[0]:{sign}.{digits}f}"
+    return f"{statistics.fmean(values):{sign}.{digits}f} ± {statistics.stdev(values) / len(values) ** 0.5:.{digits}f}"
 
 
 def table(results: dict) -> str:
@@ -184,8 +184,7 @@ def paired(results: dict) -> str:
             continue
         diffs = [after[variant, seed] - after[baseline, seed] for seed in seeds]
         per_seed = ", ".join(f"{d:+.3f} (seed {seed})" for seed, d in zip(seeds, diffs))
-        spread = f" ± {statistics.stdev(diffs) / len(diffs) ** 0.5:.3f}" if len(diffs) > 1 else ""
-        lines.append(f"| {variant} - {baseline} | {per_seed} | {statistics.fmean(diffs):+.3f}{spread} |")
+        lines.append(f"| {variant} - {baseline} | {per_seed} | {mean_se(diffs, sign='+')} |")
     return "\n".join(lines)
 
 
